@@ -1,0 +1,61 @@
+"""The layering rules of docs/ARCHITECTURE.md, checked on the source."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY_RUNTIMES = {"openvino", "openvino_genai", "onnxruntime", "onnxruntime_genai", "torch", "triton",
+                  "tensorrt_llm", "transformers"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def top_level_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def roots(modules: set[str]) -> set[str]:
+    return {module.split(".")[0] for module in modules}
+
+
+def test_engines_never_import_app_fastapi_or_pydantic():
+    for path in (ROOT / "engines").rglob("*.py"):
+        assert not roots(imported_modules(path)) & {"app", "fastapi", "starlette", "pydantic"}, path
+
+
+def test_scheduler_imports_nothing_from_fastapi():
+    for name in ("scheduler.py", "scheduler_errors.py"):
+        assert not roots(imported_modules(ROOT / "app" / name)) & {"fastapi", "starlette"}
+
+
+def test_heavy_runtimes_are_imported_inside_engine_modules_only():
+    for path in list((ROOT / "app").rglob("*.py")) + list((ROOT / "engines").rglob("*.py")):
+        assert not roots(top_level_imports(path)) & HEAVY_RUNTIMES, path
+    for path in (ROOT / "app").rglob("*.py"):
+        assert not roots(imported_modules(path)) & HEAVY_RUNTIMES, path
+
+
+def test_prometheus_objects_live_in_the_metrics_module_only():
+    for path in (ROOT / "app").rglob("*.py"):
+        if path.name != "metrics.py":
+            source = path.read_text()
+            for constructor in ("Counter(", "Histogram(", "Gauge("):
+                assert constructor not in source, (path, constructor)
