@@ -1,0 +1,221 @@
+"""Scheduling under load, disconnects, several engines and shutdown, on the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.blackbox.conftest import MODEL, ServerProcess
+from tests.prom import total
+
+pytestmark = pytest.mark.blackbox
+
+STORY = [{"role": "user", "content": "Write a very long story about a dragon who learns to count."}]
+
+
+@pytest.fixture(scope="module")
+def small_server(server_logs):
+    """CPU only, 2 running + 2 waiting requests: easy to fill."""
+    process = ServerProcess(server_logs, "small", env={
+        "LOWBIT_DEVICE": "CPU", "LOWBIT_MAX_RUNNING_REQUESTS": "2", "LOWBIT_MAX_WAITING_REQUESTS": "2"})
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+async def stream_chat(client: httpx.AsyncClient, body: dict, on_first_token=None) -> dict:
+    """POST a streaming chat; return status, text, finish reason, usage and whether [DONE] came."""
+    result = {"status": None, "text": "", "finish_reason": None, "usage": None, "done": False, "error": None}
+    async with client.stream("POST", "/v1/chat/completions",
+                             json={**body, "stream": True, "stream_options": {"include_usage": True}}) as response:
+        result["status"] = response.status_code
+        result["headers"] = response.headers
+        if response.status_code != 200:
+            result["error"] = json.loads(await response.aread())["error"]
+            return result
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            payload = line[6:]
+            if payload == "[DONE]":
+                result["done"] = True
+                continue
+            event = json.loads(payload)
+            if "error" in event:
+                result["error"] = event["error"]
+                continue
+            if event.get("usage"):
+                result["usage"] = event["usage"]
+            for choice in event.get("choices", []):
+                content = choice["delta"].get("content")
+                if content:
+                    if not result["text"] and on_first_token:
+                        on_first_token()
+                    result["text"] += content
+                result["finish_reason"] = choice.get("finish_reason") or result["finish_reason"]
+    return result
+
+
+def test_sixteen_concurrent_streams_complete_with_correct_usage(server):
+    async def run():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+            bodies = [{"model": MODEL, "temperature": 0, "max_tokens": 20,
+                       "messages": [{"role": "user", "content": f"Give me fact number {i} about cats."}]}
+                      for i in range(16)]
+            return await asyncio.gather(*(stream_chat(client, body) for body in bodies))
+
+    for result in asyncio.run(run()):
+        assert result["status"] == 200 and result["done"] and result["finish_reason"] in ("stop", "length")
+        assert 0 < result["usage"]["completion_tokens"] <= 20
+        assert result["usage"]["total_tokens"] == result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
+
+
+def test_burst_five_times_capacity_gets_only_200_and_429(small_server):
+    capacity = 4  # 2 running + 2 waiting
+    before = small_server.metrics()
+
+    async def one(client: httpx.AsyncClient, index: int) -> httpx.Response:
+        return await client.post("/v1/chat/completions", json={
+            "model": MODEL, "temperature": 0, "max_tokens": 16,
+            "messages": [{"role": "user", "content": f"Say something about the number {index}."}]})
+
+    async def run():
+        async with httpx.AsyncClient(base_url=small_server.base_url, timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(5 * capacity)))
+
+    responses = asyncio.run(run())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= capacity and statuses.count(429) > 0
+    for response in responses:
+        body = response.json()
+        if response.status_code == 200:
+            choice = body["choices"][0]
+            assert choice["finish_reason"] in ("stop", "length") and choice["message"]["content"]
+            assert body["usage"]["completion_tokens"] <= 16
+        else:
+            assert body["error"]["type"] == "server_overloaded"
+            assert int(response.headers["Retry-After"]) >= 1
+    after = small_server.metrics()
+    rejected = total(after, "lowbit_request_rejected_total", reason="queue_full") - \
+        total(before, "lowbit_request_rejected_total", reason="queue_full")
+    assert rejected == statuses.count(429)
+
+
+def test_client_disconnect_frees_the_slot_for_the_next_queued_request(small_server):
+    before = small_server.metrics()
+
+    async def run():
+        async with httpx.AsyncClient(base_url=small_server.base_url, timeout=120) as client:
+            long_body = {"model": MODEL, "temperature": 0, "max_tokens": 4000, "messages": STORY}
+            # Fill both running slots with long streams; a third request has to wait.
+            streams = [client.stream("POST", "/v1/chat/completions", json={**long_body, "stream": True})
+                       for _ in range(2)]
+            opened = [await s.__aenter__() for s in streams]
+            # Keep the line iterators referenced: a collected iterator closes its response.
+            readers = [response.aiter_lines() for response in opened]
+            for lines in readers:
+                for _ in range(4):
+                    await lines.__anext__()
+            started = {}
+            waiting = asyncio.ensure_future(stream_chat(
+                client, {"model": MODEL, "temperature": 0, "max_tokens": 8, "messages": STORY},
+                on_first_token=lambda: started.setdefault("at", time.monotonic())))
+            await asyncio.sleep(0.5)
+            assert "at" not in started, "the third request should be queued"
+            disconnected_at = time.monotonic()
+            await streams[0].__aexit__(None, None, None)  # the client goes away
+            result = await waiting
+            await streams[1].__aexit__(None, None, None)
+            return result, started["at"] - disconnected_at
+
+    result, seconds_to_start = asyncio.run(run())
+    assert result["status"] == 200 and result["done"] and result["finish_reason"] == "length"
+    print(f"disconnect -> queued request's first token: {seconds_to_start * 1000:.0f} ms")
+    assert seconds_to_start < 5  # the long stream alone would have run for ~50 s
+    time.sleep(0.5)
+    after = small_server.metrics()
+    aborted = total(after, "lowbit_request_aborted_total", reason="client_disconnect") - \
+        total(before, "lowbit_request_aborted_total", reason="client_disconnect")
+    assert aborted == 2
+    assert total(after, "lowbit_num_requests_running") == 0
+    assert total(after, "lowbit_num_requests_waiting") == 0
+
+
+def test_non_streaming_disconnect_aborts_generation(small_server):
+    before = small_server.metrics()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{small_server.base_url}/v1/chat/completions", timeout=1.0, json={
+            "model": MODEL, "temperature": 0, "max_tokens": 4000, "messages": STORY})
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        after = small_server.metrics()
+        if total(after, "lowbit_num_requests_running") == 0:
+            break
+        time.sleep(0.1)
+    assert total(after, "lowbit_num_requests_running") == 0
+    cancelled = total(after, "lowbit_requests_total", outcome="cancelled") - \
+        total(before, "lowbit_requests_total", outcome="cancelled")
+    assert cancelled == 1
+
+
+def test_two_engine_instances_of_one_model_both_take_traffic(server_logs):
+    engines = json.dumps([{"device": "CPU"}, {"device": "CPU"}])
+    process = ServerProcess(server_logs, "two-engines", env={
+        "LOWBIT_ENGINES": engines, "LOWBIT_MAX_RUNNING_REQUESTS": "2", "LOWBIT_KV_CACHE_SIZE_GB": "1"})
+    try:
+        ready = process.wait_ready()
+        assert len(ready["engines"]) == 2
+
+        async def run():
+            async with httpx.AsyncClient(base_url=process.base_url, timeout=120) as client:
+                bodies = [{"model": MODEL, "temperature": 0, "max_tokens": 12,
+                           "messages": [{"role": "user", "content": f"Tell me about the number {i}."}]}
+                          for i in range(8)]
+                return await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
+
+        assert all(r.status_code == 200 for r in asyncio.run(run()))
+        served_by = {r["engine_instance"] for r in process.log_records() if r.get("event") == "request_finished"}
+        assert served_by == {"openvino-CPU-0", "openvino-CPU-1"}
+    finally:
+        process.stop()
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_zero(server_logs):
+    process = ServerProcess(server_logs, "drain", env={"LOWBIT_DEVICE": "CPU", "LOWBIT_DRAIN_TIMEOUT_S": "60"})
+    process.wait_ready()
+
+    async def run():
+        async with httpx.AsyncClient(base_url=process.base_url, timeout=120) as client:
+            first_tokens = asyncio.Event()
+            seen = []
+
+            def mark():
+                seen.append(1)
+                if len(seen) == 4:
+                    first_tokens.set()
+
+            body = {"model": MODEL, "temperature": 0, "max_tokens": 48, "messages": STORY}
+            in_flight = [asyncio.ensure_future(stream_chat(client, body, on_first_token=mark)) for _ in range(4)]
+            await asyncio.wait_for(first_tokens.wait(), timeout=60)
+            process.process.send_signal(15)  # SIGTERM
+            await asyncio.sleep(0.3)
+            refused = await client.post("/v1/chat/completions", json=body)
+            readiness = await client.get("/health/ready")
+            return await asyncio.gather(*in_flight), refused, readiness
+
+    results, refused, readiness = asyncio.run(run())
+    for result in results:
+        assert result["status"] == 200 and result["done"] and result["error"] is None
+        assert result["finish_reason"] == "length" and result["usage"]["completion_tokens"] == 48
+    assert refused.status_code == 503 and refused.headers.get("Retry-After")
+    assert refused.json()["error"]["code"] == "shutting_down"
+    assert readiness.status_code == 503 and readiness.json()["status"] == "draining"
+    assert process.process.wait(timeout=60) == 0
+    process.stop()
