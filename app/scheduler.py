@@ -201,9 +201,23 @@ class Scheduler:
 
     # --- admission -------------------------------------------------------------------
 
+    def check_admission(self, model_id: str) -> None:
+        """Raise now what `submit` would raise, before the caller spends time tokenizing."""
+        self._slots_with_room(model_id)
+
     def submit(self, request: GenerationRequest, model_id: str, priority: int = 0,
                timeout_s: float = 300.0) -> RequestHandle:
         """Admit a request or raise (ModelNotFound, NotReady, Overloaded, Draining)."""
+        slot = min(self._slots_with_room(model_id), key=lambda s: s.outstanding_tokens)
+        loop = asyncio.get_running_loop()
+        ticket = Ticket(request, model_id, priority, timeout_s, arrived=loop.time())
+        handle = RequestHandle(ticket)
+        self._place(ticket, slot, handle)
+        self._handles.add(handle)
+        handle._task = loop.create_task(self._drive(handle), name=f"request-{request.request_id}")
+        return handle
+
+    def _slots_with_room(self, model_id: str) -> list[EngineSlot]:
         if model_id not in self._slots:
             self._observer.request_rejected(model_id, "model_not_found")
             raise ModelNotFound(model_id, self.model_ids)
@@ -220,14 +234,7 @@ class Scheduler:
             self._observer.request_rejected(model_id, "queue_full")
             retry_after = min(s.seconds_until_a_slot_frees() for s in live)
             raise Overloaded(model_id, min(max(1, math.ceil(retry_after)), _MAX_RETRY_AFTER_S))
-        slot = min(with_room, key=lambda s: s.outstanding_tokens)
-        loop = asyncio.get_running_loop()
-        ticket = Ticket(request, model_id, priority, timeout_s, arrived=loop.time())
-        handle = RequestHandle(ticket)
-        self._place(ticket, slot, handle)
-        self._handles.add(handle)
-        handle._task = loop.create_task(self._drive(handle), name=f"request-{request.request_id}")
-        return handle
+        return with_room
 
     def _place(self, ticket: Ticket, slot: EngineSlot, handle: RequestHandle, force: bool = False) -> None:
         """Give the ticket a running place on `slot` now, or queue it there."""

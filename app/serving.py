@@ -27,7 +27,7 @@ from app.protocol import (
     Usage,
 )
 from app.scheduler import RequestHandle, Scheduler
-from app.scheduler_errors import ModelNotFound, NotReady, RequestTimedOut, SchedulerError
+from app.scheduler_errors import RequestTimedOut, SchedulerError
 from app.text_output import TextDelta, TextOutput
 from engines.base import GenerationRequest, Tokenizer
 
@@ -66,6 +66,10 @@ class ChatService:
         self._log_prompts = log_prompts
 
     def prepare(self, body: ChatCompletionRequest, request_id: str, timeout_s: float) -> PreparedChat:
+        try:  # refuse cheaply (429, 503) before templating and tokenizing
+            self._scheduler.check_admission(body.model)
+        except SchedulerError as error:
+            raise from_scheduler_error(error) from None
         slot = self._any_loaded_slot(body.model)
         tokenizer = slot.engine.tokenizer
         context_length = min(s.engine.info.context_length for s in self._scheduler.slots()
@@ -161,14 +165,8 @@ class ChatService:
     # --- helpers ---------------------------------------------------------------------------
 
     def _any_loaded_slot(self, model_id: str):
-        if model_id not in self._scheduler.model_ids:
-            self._metrics.request_rejected(model_id, "model_not_found")
-            raise from_scheduler_error(ModelNotFound(model_id, self._scheduler.model_ids))
-        for slot in self._scheduler.slots():
-            if slot.model_id == model_id:
-                return slot
-        self._metrics.request_rejected(model_id, "not_ready")
-        raise from_scheduler_error(NotReady(f"The model '{model_id}' is still loading.", retry_after_s=5))
+        """A loaded engine of the model, for its tokenizer (check_admission ran first)."""
+        return next(slot for slot in self._scheduler.slots() if slot.model_id == model_id)
 
     @staticmethod
     def _chunk(prepared: PreparedChat, delta: Delta, finish_reason: str | None, **extra) -> ChatCompletionChunk:

@@ -1,23 +1,29 @@
 """OpenVINO GenAI engine: tries each device in preference order (NPU first by default).
 
-On CPU and GPU one `ContinuousBatchingPipeline` serves every request: a single thread adds
-requests and calls `step()`, and each request reads its new tokens from its own handle.
-(Two threads calling `LLMPipeline.generate` on one pipeline fail, and its streamer serves
-one prompt at a time, so continuous batching is the only way to share a model.) An NPU
-compiles a static-shape `LLMPipeline` and runs one request at a time; the same thread
-drives it through a streamer that can cancel.
+On CPU and GPU one `ContinuousBatchingPipeline` serves every request (two threads calling
+`LLMPipeline.generate` on one pipeline fail, and its streamer serves one prompt at a
+time, so continuous batching is the way to share a model). An NPU compiles a
+static-shape `LLMPipeline` and runs one request at a time.
+
+The pipeline lives in a worker process (`openvino_worker.py`) because it holds the GIL
+while it steps. This process keeps the model's tokenizer (OpenVINO reads it straight from
+the GGUF or IR) and a reader thread that hands each step's tokens to the waiting
+requests. If the worker dies, the engine reports unhealthy, fails what was in flight,
+and starts a new worker in the background.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-import queue
-import random
+import os
+import subprocess
+import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from multiprocessing.connection import Connection
 
 from engines.base import (
     DeviceAttempt,
@@ -28,14 +34,15 @@ from engines.base import (
     FinishReason,
     GenerationChunk,
     GenerationRequest,
-    SamplingParams,
 )
+from engines.byte_level_decoder import ByteLevelDecoder
 from engines.model_files import describe_model
 from engines.request_streams import RequestStreams, iterate_queue
 
 log = logging.getLogger(__name__)
 
-_KV_USAGE_REFRESH_S = 0.5  # get_metrics() is not free; sample it twice a second
+_LOAD_TIMEOUT_S = 900  # compiling for an NPU can take minutes
+_STOP_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -52,12 +59,31 @@ class OpenVINOOptions:
     cache_dir: str | None = None
 
 
+_DECODER_CHECK_TEXT = (
+    "Grüße aus Köln! naïve café, 東京 and emoji 🚀🙂. def f(x):\n    return x ** 2  # ok\n"
+    "  The quick brown fox, 1234567890 -- “quotes” and ‘more’.")
+
+
 class OpenVINOTokenizer:
     """Adapts `openvino_genai.Tokenizer` (the model's own, from GGUF or IR) to `Tokenizer`."""
 
-    def __init__(self, ov_tokenizer) -> None:
+    def __init__(self, ov_tokenizer, model_path: str | None = None) -> None:
         self._tokenizer = ov_tokenizer
         self.eos_token_ids = frozenset({int(ov_tokenizer.get_eos_token_id())})
+        self._fast_decoder = self._checked_fast_decoder(model_path) if model_path else None
+
+    def _checked_fast_decoder(self, model_path: str):
+        """A byte-table decoder, if one can be built and agrees with OpenVINO on every window."""
+        decoder = ByteLevelDecoder.from_gguf(model_path)
+        if decoder is None:
+            return None
+        ids = self.encode(_DECODER_CHECK_TEXT) + sorted(self.eos_token_ids)
+        windows = [ids[start:end] for start in range(0, len(ids), 3) for end in range(start + 1, min(start + 9, len(ids) + 1))]
+        expected = self._tokenizer.decode(windows, skip_special_tokens=True)
+        if [decoder.decode(window) for window in windows] != list(expected):
+            log.warning("openvino: the byte-level decoder disagrees with OpenVINO's; using OpenVINO's")
+            return None
+        return decoder
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
         return self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
@@ -68,42 +94,72 @@ class OpenVINOTokenizer:
         return encoded.input_ids.data[0].tolist()
 
     def decode(self, token_ids: Sequence[int]) -> str:
+        if self._fast_decoder is not None:
+            return self._fast_decoder.decode(token_ids)
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
 
-def _generation_config(ov_genai, sampling: SamplingParams, eos_token_id: int):
-    config = ov_genai.GenerationConfig()
-    config.max_new_tokens = sampling.max_tokens
-    config.eos_token_id = eos_token_id
-    if sampling.stop_token_ids:
-        config.stop_token_ids = set(sampling.stop_token_ids)
-    config.presence_penalty = sampling.presence_penalty
-    config.frequency_penalty = sampling.frequency_penalty
-    if sampling.is_greedy:
-        config.do_sample = False
-    else:
-        config.do_sample = True
-        config.temperature = sampling.temperature
-        config.top_p = sampling.top_p
-        if sampling.top_k > 0:
-            config.top_k = sampling.top_k
-        # OpenVINO's default seed is 0 for every request; unseeded requests must differ.
-        config.rng_seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
-    return config
+class _Worker:
+    """One worker process (`python -m engines.openvino_worker`) and the two pipes to it.
+
+    Started as a fresh interpreter rather than with multiprocessing's spawn, which would
+    re-run the caller's main module in the child.
+    """
+
+    def __init__(self, model_path: str, options: OpenVINOOptions):
+        commands_read, commands_write = os.pipe()
+        outputs_read, outputs_write = os.pipe()
+        argv = [sys.executable, "-m", "engines.openvino_worker", str(commands_read), str(outputs_write),
+                model_path, json.dumps(dataclasses.asdict(options))]
+        self.process = subprocess.Popen(argv, pass_fds=(commands_read, outputs_write))
+        os.close(commands_read)  # the child's ends: closing ours lets EOF reach each side
+        os.close(outputs_write)
+        self.commands = Connection(commands_write, readable=False)
+        self.outputs = Connection(outputs_read, writable=False)
+        self._send_lock = threading.Lock()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.poll()
+
+    def send(self, command: tuple) -> None:
+        with self._send_lock:
+            self.commands.send(command)
+
+    def wait_loaded(self) -> tuple:
+        if not self.outputs.poll(_LOAD_TIMEOUT_S):
+            raise TimeoutError(f"the OpenVINO worker did not load within {_LOAD_TIMEOUT_S} s")
+        try:
+            return self.outputs.recv()
+        except EOFError:
+            raise EngineError("openvino", f"the worker exited while loading (code {self.process.wait()})") from None
+
+    def stop(self) -> None:
+        try:
+            self.send(("stop",))
+        except (OSError, EOFError):
+            pass
+        try:
+            self.process.wait(_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.commands.close()
+        self.outputs.close()
 
 
 class OpenVINOEngine(Engine):
     kind = "openvino"
 
-    def __init__(self, model_path: str | Path, options: OpenVINOOptions = OpenVINOOptions()):
+    def __init__(self, model_path, options: OpenVINOOptions = OpenVINOOptions()):
         self._model_path = str(model_path)
         self._options = options
         self._info: EngineInfo | None = None
         self._tokenizer: OpenVINOTokenizer | None = None
         self._streams = RequestStreams()
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._worker: _Worker | None = None
         self._healthy = False
+        self._stopping = False
         self._kv_cache_usage: float | None = None
 
     # --- interface -------------------------------------------------------------------
@@ -124,59 +180,46 @@ class OpenVINOEngine(Engine):
         import openvino_genai as ov_genai  # heavy runtime: imported only by this engine
 
         description = describe_model(self._model_path)
-        attempts: list[DeviceAttempt] = []
-        for device in self._options.devices:
-            single = self._is_single_request(device)
-            started = time.perf_counter()
-            try:
-                pipeline = self._load(ov_genai, device, single)
-            except Exception as error:  # noqa: BLE001 - any load failure means "next device"
-                reason = f"{type(error).__name__}: {error}".strip()
-                log.warning("openvino: device %s failed to load %s: %s", device, self._model_path, reason)
-                attempts.append(DeviceAttempt(device, reason))
-                continue
-            log.info("openvino: loaded %s on %s in %.1f s", self._model_path, device,
-                     time.perf_counter() - started)
-            attempts.append(DeviceAttempt(device))
-            context_length = description.context_length
-            if single and device.upper().startswith("NPU"):
-                context_length = self._options.npu_max_prompt_len + self._options.npu_min_response_len
-            self._tokenizer = OpenVINOTokenizer(pipeline.get_tokenizer())
-            self._info = EngineInfo(
-                engine=self.kind,
-                device=device,
-                model_path=self._model_path,
-                context_length=context_length,
-                quantization=description.quantization,
-                max_concurrency=1 if single else self._options.max_num_seqs,
-                device_attempts=tuple(attempts),
-            )
-            runner = self._run_single if single else self._run_continuous
-            self._thread = threading.Thread(
-                target=self._guarded, args=(runner, ov_genai, pipeline),
-                name=f"openvino-{device}", daemon=True,
-            )
-            self._healthy = True
-            self._thread.start()
-            return
-        tried = "; ".join(f"{a.device}: {a.error}" for a in attempts)
-        raise EngineError(self.kind, f"no device could load {self._model_path} ({tried})")
+        worker = _Worker(self._model_path, self._options)
+        self._tokenizer = OpenVINOTokenizer(ov_genai.Tokenizer(self._model_path), self._model_path)  # while the worker loads
+        message = worker.wait_loaded()
+        attempts = tuple(DeviceAttempt(device, error) for device, error in message[-1 if message[0] == "load_failed" else 2])
+        for attempt in attempts:
+            if attempt.error:
+                log.warning("openvino: device %s failed to load %s: %s", attempt.device, self._model_path, attempt.error)
+        if message[0] != "loaded":
+            worker.stop()
+            tried = "; ".join(f"{a.device}: {a.error}" for a in attempts)
+            raise EngineError(self.kind, f"no device could load {self._model_path} ({tried})")
+        _, device, _, single = message
+        log.info("openvino: loaded %s on %s", self._model_path, device)
+        context_length = description.context_length
+        if single and device.upper().startswith("NPU"):
+            context_length = self._options.npu_max_prompt_len + self._options.npu_min_response_len
+        self._info = EngineInfo(
+            engine=self.kind, device=device, model_path=self._model_path,
+            context_length=context_length, quantization=description.quantization,
+            max_concurrency=1 if single else self._options.max_num_seqs, device_attempts=attempts)
+        self._attach(worker)
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._commands.put(("stop", None))
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._stopping = True
         self._healthy = False
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
         self._streams.fail_all(EngineNotReady(self.kind, "engine stopped"))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        if not self._healthy:
-            raise EngineNotReady(self.kind, "engine is not running")
+        if not self._healthy or self._worker is None:
+            raise EngineNotReady(self.kind, "the OpenVINO worker is not running")
         chunks = self._streams.open(request.request_id)
-        self._commands.put(("add", request))
         finished = False
         try:
+            try:
+                self._worker.send(("add", request))
+            except (OSError, EOFError) as error:
+                raise EngineError(self.kind, f"the OpenVINO worker is gone: {error}") from None
             async for chunk in iterate_queue(chunks):
                 finished = chunk.finish_reason is not None
                 yield chunk
@@ -186,7 +229,12 @@ class OpenVINOEngine(Engine):
                 self.abort(request.request_id)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        worker = self._worker
+        if worker is not None:
+            try:
+                worker.send(("abort", request_id))
+            except (OSError, EOFError):
+                pass
 
     def is_healthy(self) -> bool:
         return self._healthy
@@ -194,212 +242,48 @@ class OpenVINOEngine(Engine):
     def kv_cache_usage(self) -> float | None:
         return self._kv_cache_usage
 
-    # --- loading ---------------------------------------------------------------------
+    @property
+    def worker_pid(self) -> int | None:
+        return self._worker.process.pid if self._worker is not None else None
 
-    def _is_single_request(self, device: str) -> bool:
-        if self._options.pipeline == "auto":
-            return device.upper().startswith("NPU")
-        return self._options.pipeline == "single"
+    # --- the worker's output -------------------------------------------------------------
 
-    def _load(self, ov_genai, device: str, single: bool):
-        properties: dict[str, object] = {}
-        if self._options.cache_dir:
-            properties["CACHE_DIR"] = self._options.cache_dir
-        if single:
-            if device.upper().startswith("NPU"):
-                # The NPU compiles static shapes: the prompt and KV-cache sizes are fixed here.
-                properties["MAX_PROMPT_LEN"] = self._options.npu_max_prompt_len
-                properties["MIN_RESPONSE_LEN"] = self._options.npu_min_response_len
-            return ov_genai.LLMPipeline(self._model_path, device, **properties)
-        scheduler = ov_genai.SchedulerConfig()
-        scheduler.cache_size = max(1, int(round(self._options.kv_cache_size_gb)))
-        scheduler.max_num_seqs = self._options.max_num_seqs
-        scheduler.max_num_batched_tokens = self._options.max_num_batched_tokens
-        scheduler.enable_prefix_caching = self._options.enable_prefix_caching
-        scheduler.dynamic_split_fuse = True
-        return ov_genai.ContinuousBatchingPipeline(self._model_path, scheduler, device, properties)
+    def _attach(self, worker: _Worker) -> None:
+        self._worker = worker
+        self._healthy = True
+        threading.Thread(target=self._read_outputs, args=(worker,), name="openvino-reader", daemon=True).start()
 
-    # --- the engine thread -----------------------------------------------------------
-
-    def _guarded(self, runner, ov_genai, pipeline) -> None:
+    def _read_outputs(self, worker: _Worker) -> None:
+        """Runs on its own thread: blocking reads release the GIL."""
         try:
-            runner(ov_genai, pipeline)
-        except Exception as error:  # noqa: BLE001 - the thread must report, never vanish
-            log.exception("openvino: engine thread failed")
-            self._healthy = False
-            self._streams.fail_all(EngineError(self.kind, f"{type(error).__name__}: {error}"))
-
-    def _run_continuous(self, ov_genai, pipeline) -> None:
-        import openvino as ov
-
-        eos = int(pipeline.get_tokenizer().get_eos_token_id())
-        handles: dict[str, object] = {}
-        numeric_ids: dict[str, int] = {}
-        next_numeric_id = 0
-        last_kv_sample = 0.0
-        running = ov_genai.GenerationStatus.RUNNING
-        # A cancelled request gives its KV blocks back only on the next step(), so step
-        # once more after a cancel even when nothing else is running.
-        cancelled_since_step = False
-        while True:
-            # Block while idle; otherwise take whatever arrived since the last step.
-            idle = not handles and not cancelled_since_step
-            commands = [self._commands.get()] if idle else []
             while True:
-                try:
-                    commands.append(self._commands.get_nowait())
-                except queue.Empty:
-                    break
-            for command, payload in commands:
-                if command == "stop":
-                    for handle in handles.values():
-                        handle.cancel()
-                    if handles:
-                        pipeline.step()
-                    return
-                if command == "add":
-                    request: GenerationRequest = payload
-                    input_ids = _ids_tensor(ov, request.prompt_token_ids)
-                    config = _generation_config(ov_genai, request.sampling, eos)
-                    handles[request.request_id] = pipeline.add_request(next_numeric_id, input_ids, config)
-                    numeric_ids[request.request_id] = next_numeric_id
-                    next_numeric_id += 1
-                elif command == "abort" and payload in handles:
-                    handles.pop(payload).cancel()
-                    numeric_ids.pop(payload, None)
-                    cancelled_since_step = True
-            if not handles and not cancelled_since_step:
-                continue
-
-            try:
-                cancelled_since_step = False
-                pipeline.step()
-            except Exception as error:  # noqa: BLE001
-                failure = EngineError(self.kind, f"step failed: {type(error).__name__}: {error}")
-                log.exception("openvino: step failed; failing %d requests", len(handles))
-                self._streams.deliver((rid, failure) for rid in handles)
-                for handle in handles.values():
-                    handle.cancel()
-                handles.clear()
-                self._healthy = False
-                continue
-
-            deliveries = []
-            for request_id, handle in list(handles.items()):
-                status = handle.get_status()
-                token_ids: list[int] = []
-                reason = None
-                while handle.can_read():
-                    for output in handle.read().values():
-                        token_ids.extend(output.generated_ids)
-                        reason = output.finish_reason
-                if status == running:
-                    if token_ids:
-                        deliveries.append((request_id, GenerationChunk(tuple(token_ids))))
-                    continue
-                finish = FinishReason.LENGTH if reason == ov_genai.GenerationFinishReason.LENGTH \
-                    else FinishReason.STOP
-                if status != ov_genai.GenerationStatus.FINISHED:  # dropped or cancelled inside
-                    finish = FinishReason.ABORT
-                deliveries.append((request_id, GenerationChunk(tuple(token_ids), finish)))
-                del handles[request_id]
-                numeric_ids.pop(request_id, None)
-            self._streams.deliver(deliveries)
-
-            now = time.monotonic()
-            if now - last_kv_sample > _KV_USAGE_REFRESH_S:
-                last_kv_sample = now
-                self._kv_cache_usage = float(pipeline.get_metrics().cache_usage) / 100.0
-
-    def _run_single(self, ov_genai, pipeline) -> None:
-        import openvino as ov
-
-        eos = int(pipeline.get_tokenizer().get_eos_token_id())
-        state = _SingleRunnerState()
-        while not state.stopping:
-            if not state.waiting:
-                state.take(*self._commands.get())
-            state.drain(self._commands)
-            if state.stopping or not state.waiting:
-                continue
-            request = state.waiting.pop(0)
-            if request.request_id in state.aborted:
-                state.aborted.discard(request.request_id)
-                continue
-            streamer = _make_streamer(ov_genai, self, request.request_id, state)
-            config = _generation_config(ov_genai, request.sampling, eos)
-            inputs = ov_genai.TokenizedInputs(_ids_tensor(ov, request.prompt_token_ids),
-                                              _ids_tensor(ov, [1] * len(request.prompt_token_ids)))
-            pipeline.generate(inputs, config, streamer)
-            if request.request_id in state.aborted:
-                state.aborted.discard(request.request_id)
-                finish = FinishReason.ABORT
-            elif streamer.last_token == eos or streamer.count < request.sampling.max_tokens:
-                finish = FinishReason.STOP
-            else:
-                finish = FinishReason.LENGTH
-            self._streams.deliver([(request.request_id, GenerationChunk((), finish))])
-
-
-class _SingleRunnerState:
-    """Commands seen by the single-request runner, also while a generation is running."""
-
-    def __init__(self) -> None:
-        self.waiting: list[GenerationRequest] = []
-        self.aborted: set[str] = set()
-        self.stopping = False
-
-    def take(self, command: str, payload) -> None:
-        if command == "add":
-            self.waiting.append(payload)
-        elif command == "abort":
-            self.aborted.add(payload)
-        elif command == "stop":
-            self.stopping = True
-
-    def drain(self, commands: queue.SimpleQueue) -> None:
-        while True:
-            try:
-                self.take(*commands.get_nowait())
-            except queue.Empty:
-                return
-
-
-def _ids_tensor(ov, token_ids: Sequence[int]):
-    import numpy as np
-
-    return ov.Tensor(np.asarray([token_ids], dtype=np.int64))
-
-
-def _make_streamer(ov_genai, engine: OpenVINOEngine, request_id: str, state: _SingleRunnerState):
-    """A streamer that forwards each token and cancels the generation when aborted.
-
-    OpenVINO only logs an exception raised in a streamer and goes on generating, so
-    `write` never raises; it picks up aborts by draining the engine's command queue.
-    """
-
-    class Streamer(ov_genai.StreamerBase):
-        def __init__(self) -> None:
-            super().__init__()
-            self.count = 0
-            self.last_token: int | None = None
-
-        def write(self, token):
-            try:
-                tokens = [int(token)] if isinstance(token, int) else [int(t) for t in token]
-                self.count += len(tokens)
-                if tokens:
-                    self.last_token = tokens[-1]
-                state.drain(engine._commands)
-                if state.stopping or request_id in state.aborted:
-                    return ov_genai.StreamingStatus.CANCEL
-                engine._streams.deliver([(request_id, GenerationChunk(tuple(tokens)))])
-            except Exception:  # noqa: BLE001
-                log.exception("openvino: streamer failed")
-                return ov_genai.StreamingStatus.CANCEL
-            return ov_genai.StreamingStatus.RUNNING
-
-        def end(self) -> None:
+                message = worker.outputs.recv()
+                kind = message[0]
+                if kind == "tokens":
+                    self._streams.deliver(
+                        (request_id, GenerationChunk(token_ids, FinishReason(finish) if finish else None))
+                        for request_id, token_ids, finish in message[1])
+                elif kind == "kv":
+                    self._kv_cache_usage = message[1]
+                elif kind == "failed":
+                    log.error("openvino: worker failed %d request(s): %s", len(message[1]), message[2])
+                    error = EngineError(self.kind, message[2].splitlines()[0])
+                    self._streams.deliver((request_id, error) for request_id in message[1])
+        except (EOFError, OSError):
             pass
+        if self._stopping or self._worker is not worker:
+            return
+        log.error("openvino: the worker process exited (code %s); restarting it", worker.exitcode)
+        self._healthy = False
+        self._streams.fail_all(EngineError(self.kind, "the OpenVINO worker process died"))
+        self._restart()
 
-    return Streamer()
+    def _restart(self) -> None:
+        worker = _Worker(self._model_path, self._options)
+        message = worker.wait_loaded()
+        if message[0] != "loaded" or self._stopping:
+            log.error("openvino: restarting the worker failed: %s", message)
+            worker.stop()
+            return
+        log.info("openvino: worker restarted on %s", message[1])
+        self._attach(worker)
