@@ -92,9 +92,9 @@ class Metrics:
                                 ("model", "reason"), registry=r)
         self.aborted = Counter("lowbit_request_aborted_total", "Admitted requests aborted",
                                LABELS + ("reason",), registry=r)
-        self.engine_fallback = Counter("lowbit_engine_fallback_total", "Requests moved to another engine",
+        self.engine_fallbacks = Counter("lowbit_engine_fallback_total", "Requests moved to another engine",
                                        ("model", "from_engine", "to_engine"), registry=r)
-        self.device_fallback = Counter("lowbit_device_fallback_total", "Engine loads that fell back to another device",
+        self.device_fallbacks = Counter("lowbit_device_fallback_total", "Engine loads that fell back to another device",
                                        ("model", "engine", "from_device", "to_device"), registry=r)
         self.ttft = Histogram("lowbit_time_to_first_token_seconds", "Time from arrival to the first token",
                               LABELS, buckets=_LATENCY_BUCKETS, registry=r)
@@ -131,7 +131,7 @@ class Metrics:
         self.engine_info.labels(model_id, info.engine, info.device, info.quantization).set(1)
         self._kv_sources[labels] = kv_cache_usage
         for failed, succeeded in zip(info.device_attempts, info.device_attempts[1:]):
-            self.device_fallback.labels(model_id, info.engine, failed.device, succeeded.device).inc()
+            self.device_fallbacks.labels(model_id, info.engine, failed.device, succeeded.device).inc()
         for labels_ in (self.running, self.waiting):
             labels_.labels(*labels).set(0)
 
@@ -153,7 +153,7 @@ class Metrics:
         self.queue_time.labels(*slot_labels(slot)).observe(queue_time_s)
 
     def engine_fallback(self, from_slot, to_slot) -> None:
-        self.engine_fallback.labels(from_slot.model_id, from_slot.name, to_slot.name).inc()
+        self.engine_fallbacks.labels(from_slot.model_id, from_slot.name, to_slot.name).inc()
 
     def request_aborted(self, slot, reason: str) -> None:
         labels = slot_labels(slot) if slot is not None else ("", "", "")

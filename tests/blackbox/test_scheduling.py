@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 import time
 
 import httpx
@@ -165,24 +168,49 @@ def test_non_streaming_disconnect_aborts_generation(small_server):
     assert cancelled == 1
 
 
-def test_two_engine_instances_of_one_model_both_take_traffic(server_logs):
+def in_rotation(process: ServerProcess) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {sample.labels["instance"]: sample.value
+            for family in text_string_to_metric_families(process.metrics())
+            for sample in family.samples if sample.name == "lowbit_engine_in_rotation"}
+
+
+def test_two_engines_share_traffic_and_survive_one_crashing(server_logs):
     engines = json.dumps([{"device": "CPU"}, {"device": "CPU"}])
     process = ServerProcess(server_logs, "two-engines", env={
-        "LOWBIT_ENGINES": engines, "LOWBIT_MAX_RUNNING_REQUESTS": "2", "LOWBIT_KV_CACHE_SIZE_GB": "1"})
+        "LOWBIT_ENGINES": engines, "LOWBIT_MAX_RUNNING_REQUESTS": "2", "LOWBIT_KV_CACHE_SIZE_GB": "1",
+        "LOWBIT_HEALTH_CHECK_INTERVAL_S": "0.5"})
+    body = {"model": MODEL, "temperature": 0, "max_tokens": 12,
+            "messages": [{"role": "user", "content": "Tell me about the number 7."}]}
+
+    async def burst(count: int):
+        async with httpx.AsyncClient(base_url=process.base_url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(count)))
+
     try:
         ready = process.wait_ready()
         assert len(ready["engines"]) == 2
-
-        async def run():
-            async with httpx.AsyncClient(base_url=process.base_url, timeout=120) as client:
-                bodies = [{"model": MODEL, "temperature": 0, "max_tokens": 12,
-                           "messages": [{"role": "user", "content": f"Tell me about the number {i}."}]}
-                          for i in range(8)]
-                return await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
-
-        assert all(r.status_code == 200 for r in asyncio.run(run()))
+        assert all(r.status_code == 200 for r in asyncio.run(burst(8)))
         served_by = {r["engine_instance"] for r in process.log_records() if r.get("event") == "request_finished"}
         assert served_by == {"openvino-CPU-0", "openvino-CPU-1"}
+
+        # One engine's worker process dies: requests move to the other one invisibly.
+        workers = subprocess.run(["pgrep", "-P", str(process.process.pid), "-f", "openvino_worker"],
+                                 capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        os.kill(int(workers[0]), signal.SIGKILL)
+        time.sleep(0.5)
+        responses = asyncio.run(burst(6))
+        assert [r.status_code for r in responses] == [200] * 6
+        assert all(r.json()["choices"][0]["message"]["content"] for r in responses)
+        metrics = process.metrics()
+        assert total(metrics, "lowbit_engine_fallback_total") >= 1
+        # The failed engine left rotation, gets a new worker, and comes back.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and min(in_rotation(process).values()) == 0:
+            time.sleep(0.5)
+        assert in_rotation(process) == {"openvino-CPU-0": 1.0, "openvino-CPU-1": 1.0}
     finally:
         process.stop()
 
