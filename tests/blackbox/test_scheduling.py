@@ -12,57 +12,12 @@ import time
 import httpx
 import pytest
 
-from tests.blackbox.conftest import MODEL, ServerProcess
+from tests.blackbox.conftest import MODEL, ServerProcess, stream_chat
 from tests.prom import total
 
 pytestmark = pytest.mark.blackbox
 
 STORY = [{"role": "user", "content": "Write a very long story about a dragon who learns to count."}]
-
-
-@pytest.fixture(scope="module")
-def small_server(server_logs):
-    """CPU only, 2 running + 2 waiting requests: easy to fill."""
-    process = ServerProcess(server_logs, "small", env={
-        "LOWBIT_DEVICE": "CPU", "LOWBIT_MAX_RUNNING_REQUESTS": "2", "LOWBIT_MAX_WAITING_REQUESTS": "2"})
-    try:
-        process.wait_ready()
-        yield process
-    finally:
-        process.stop()
-
-
-async def stream_chat(client: httpx.AsyncClient, body: dict, on_first_token=None) -> dict:
-    """POST a streaming chat; return status, text, finish reason, usage and whether [DONE] came."""
-    result = {"status": None, "text": "", "finish_reason": None, "usage": None, "done": False, "error": None}
-    async with client.stream("POST", "/v1/chat/completions",
-                             json={**body, "stream": True, "stream_options": {"include_usage": True}}) as response:
-        result["status"] = response.status_code
-        result["headers"] = response.headers
-        if response.status_code != 200:
-            result["error"] = json.loads(await response.aread())["error"]
-            return result
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            payload = line[6:]
-            if payload == "[DONE]":
-                result["done"] = True
-                continue
-            event = json.loads(payload)
-            if "error" in event:
-                result["error"] = event["error"]
-                continue
-            if event.get("usage"):
-                result["usage"] = event["usage"]
-            for choice in event.get("choices", []):
-                content = choice["delta"].get("content")
-                if content:
-                    if not result["text"] and on_first_token:
-                        on_first_token()
-                    result["text"] += content
-                result["finish_reason"] = choice.get("finish_reason") or result["finish_reason"]
-    return result
 
 
 def test_sixteen_concurrent_streams_complete_with_correct_usage(server):
