@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     health_check_interval_s: float = Field(5.0, gt=0, description="How often a failed engine is re-checked")
 
     # --- OpenVINO -----------------------------------------------------------------------
-    kv_cache_size_gb: float = Field(1.0, gt=0, description="KV cache per continuous-batching engine (GB)")
+    kv_cache_size_gb: int = Field(1, ge=1, description="KV cache per continuous-batching engine, whole GB")
     openvino_pipeline: Literal["auto", "continuous", "single"] = Field(
         "auto", description="auto: single-request pipeline on NPU, continuous batching elsewhere")
     npu_max_prompt_len: int = Field(1024, gt=0, description="NPU: longest prompt compiled for")

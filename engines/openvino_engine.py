@@ -50,7 +50,7 @@ class OpenVINOOptions:
     devices: tuple[str, ...] = ("NPU", "CPU")
     # "auto": a single-request LLMPipeline on NPU, continuous batching elsewhere.
     pipeline: str = "auto"
-    kv_cache_size_gb: float = 1.0
+    kv_cache_size_gb: int = 1
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True

@@ -86,7 +86,7 @@ def _load(ov_genai, model_path: str, options, device: str, single: bool):
             properties["MIN_RESPONSE_LEN"] = options.npu_min_response_len
         return ov_genai.LLMPipeline(model_path, device, **properties)
     scheduler = ov_genai.SchedulerConfig()
-    scheduler.cache_size = max(1, int(round(options.kv_cache_size_gb)))
+    scheduler.cache_size = options.kv_cache_size_gb
     scheduler.max_num_seqs = options.max_num_seqs
     scheduler.max_num_batched_tokens = options.max_num_batched_tokens
     scheduler.enable_prefix_caching = options.enable_prefix_caching

@@ -66,3 +66,11 @@ def test_serve_with_a_missing_model_exits_2_with_a_clear_message(capsys):
 
     assert main(["serve", "--model", "/nowhere/model.gguf"]) == 2
     assert "model not found: /nowhere/model.gguf" in capsys.readouterr().err
+
+
+def test_readme_documents_every_setting():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`LOWBIT_{name.upper()}` / `--{name.replace('_', '-')}`" in readme, name
