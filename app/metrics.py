@@ -90,6 +90,8 @@ class Metrics:
         self.generation_tokens = Counter("lowbit_generation_tokens_total", "Tokens generated", LABELS, registry=r)
         self.rejected = Counter("lowbit_request_rejected_total", "Requests refused before admission",
                                 ("model", "reason"), registry=r)
+        self.admitted = Counter("lowbit_request_admitted_total", "Requests admitted to an engine's queue",
+                                LABELS, registry=r)
         self.aborted = Counter("lowbit_request_aborted_total", "Admitted requests aborted",
                                LABELS + ("reason",), registry=r)
         self.engine_fallbacks = Counter("lowbit_engine_fallback_total", "Requests moved to another engine",
@@ -140,6 +142,9 @@ class Metrics:
     def request_rejected(self, model_id: str, reason: str) -> None:
         self.rejected.labels(model_id, reason).inc()
         self.requests.labels(model_id, "", "", "rejected", "").inc()
+
+    def request_admitted(self, slot) -> None:
+        self.admitted.labels(*slot_labels(slot)).inc()
 
     def queue_changed(self, slot) -> None:
         labels = slot_labels(slot)

@@ -48,6 +48,8 @@ class SchedulerObserver(Protocol):
 
     def request_rejected(self, model_id: str, reason: str) -> None: ...
 
+    def request_admitted(self, slot: EngineSlot) -> None: ...
+
     def queue_changed(self, slot: EngineSlot) -> None: ...
 
     def request_started(self, slot: EngineSlot, queue_time_s: float) -> None: ...
@@ -213,6 +215,7 @@ class Scheduler:
         ticket = Ticket(request, model_id, priority, timeout_s, arrived=loop.time())
         handle = RequestHandle(ticket)
         self._place(ticket, slot, handle)
+        self._observer.request_admitted(slot)
         self._handles.add(handle)
         handle._task = loop.create_task(self._drive(handle), name=f"request-{request.request_id}")
         return handle

@@ -244,3 +244,27 @@ def test_metrics_count_requests_tokens_and_ttft(client):
     assert total(text, "lowbit_generation_tokens_total", **labels) == usage["completion_tokens"]
     assert total(text, "lowbit_prompt_tokens_total", **labels) == usage["prompt_tokens"]
     assert total(text, "lowbit_time_to_first_token_seconds_count", **labels) == 1
+
+
+def test_user_field_and_unknown_extra_fields_are_accepted(client):
+    response = client.post("/v1/chat/completions", json=chat(user="alice", metadata={"x": 1}, top_k=5, seed=3))
+    assert response.status_code == 200
+
+
+def test_sampling_fields_reach_the_engine(engine):
+    seen = []
+
+    class RecordingEngine(FakeEngine):
+        async def generate(self, request):
+            seen.append(request.sampling)
+            async for chunk in super().generate(request):
+                yield chunk
+
+    with make_client(RecordingEngine()) as client:
+        wait_ready(client)
+        client.post("/v1/chat/completions", json=chat(
+            temperature=0.7, top_p=0.9, top_k=40, seed=11, presence_penalty=0.5, frequency_penalty=-0.5,
+            max_completion_tokens=9))
+    (sampling,) = seen
+    assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed) == (0.7, 0.9, 40, 11)
+    assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.max_tokens) == (0.5, -0.5, 9)

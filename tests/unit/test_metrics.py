@@ -23,6 +23,7 @@ def test_metrics_implements_every_scheduler_observer_hook():
     hooks = [name for name, _ in inspect.getmembers(SchedulerObserver, inspect.isfunction) if not name.startswith("_")]
     calls = {
         "request_rejected": ("m", "queue_full"),
+        "request_admitted": (a,),
         "queue_changed": (a,),
         "request_started": (a, 0.25),
         "engine_fallback": (a, b),
@@ -37,6 +38,7 @@ def test_metrics_implements_every_scheduler_observer_hook():
     assert total(text, "lowbit_request_rejected_total", reason="queue_full") == 1
     assert total(text, "lowbit_request_aborted_total", reason="timeout") == 1
     assert total(text, "lowbit_request_queue_time_seconds_count") == 1
+    assert total(text, "lowbit_request_admitted_total") == 1
 
 
 def test_device_fallback_is_counted_from_the_load_attempts():
