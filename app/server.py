@@ -23,7 +23,7 @@ from app.scheduler import AdmissionLimits, Scheduler
 from app.serving import ChatService
 from app.settings import EngineSpec, Settings
 from engines.base import Engine
-from engines.model_files import describe_model
+from engines.model_files import describe_model, read_manifest
 from engines.registry import build_engine
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,22 @@ class AppState:
         return bool(self.engines) and all(record.status == "ready" for record in self.engines)
 
 
-def resolve_model(spec: EngineSpec) -> tuple[str, str]:
-    """(model path, model id) for a spec; the embedded default when no model is given."""
+def resolve_model(spec: EngineSpec) -> tuple[str, str, EngineSpec]:
+    """(model path, model id, spec) for a spec; the embedded default when no model is given.
+
+    A directory made by `lowbit prepare` carries a manifest naming its engine and device;
+    those replace the defaults (a device list given explicitly still wins).
+    """
     if spec.model is None:
-        return str(default_model_path()), spec.model_id or DEFAULT_MODEL_ID
+        return str(default_model_path()), spec.model_id or DEFAULT_MODEL_ID, spec
     description = describe_model(spec.model)
-    return description.path, spec.model_id or description.name
+    manifest = read_manifest(description.path)
+    if manifest:
+        updates = {"engine": manifest.get("engine", spec.engine)}
+        if "device" not in spec.model_fields_set and manifest.get("device"):
+            updates["device"] = (manifest["device"],)
+        spec = spec.model_copy(update=updates)
+    return description.path, spec.model_id or description.name, spec
 
 
 def default_engine_builder(settings: Settings) -> EngineBuilder:
@@ -95,7 +105,7 @@ def create_app(settings: Settings, engine_builder: EngineBuilder | None = None) 
     state = AppState(settings, scheduler, metrics, ChatService(scheduler, metrics, settings.log_prompts))
     # Resolve every model before serving: a wrong path fails here, with a clear message.
     for index, spec in enumerate(settings.engine_specs()):
-        model_path, model_id = resolve_model(spec)
+        model_path, model_id, spec = resolve_model(spec)
         name = f"{spec.engine}-{'/'.join(spec.device)}-{index}"
         state.engines.append(EngineRecord(spec, model_id, model_path, name, builder(spec, model_path)))
         scheduler.expect_model(model_id)

@@ -92,4 +92,5 @@ class Settings(BaseSettings):
         """The engines to load: `engines` if given, else one from model/engine/device."""
         if self.engines:
             return self.engines
-        return (EngineSpec(model=self.model, model_id=self.model_id, engine=self.engine, device=self.device),)
+        chosen = {name: getattr(self, name) for name in ("engine", "device") if name in self.model_fields_set}
+        return (EngineSpec(model=self.model, model_id=self.model_id, **chosen),)

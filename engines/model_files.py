@@ -41,8 +41,7 @@ def describe_model(path: str | Path) -> ModelDescription:
         )
     config_file = model_path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    manifest_file = model_path / "lowbit.json"
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
+    manifest = read_manifest(model_path)
     scheme = manifest.get("quantization", {})
     quantization = scheme.get("name") or ("openvino-ir" if any(model_path.glob("*.xml")) else "unknown")
     return ModelDescription(
@@ -52,3 +51,9 @@ def describe_model(path: str | Path) -> ModelDescription:
         context_length=int(config.get("max_position_embeddings") or _DEFAULT_CONTEXT_LENGTH),
         quantization=quantization,
     )
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The `lowbit.json` that `lowbit prepare` writes into an artifact directory, or {}."""
+    manifest_file = Path(path) / "lowbit.json"
+    return json.loads(manifest_file.read_text()) if Path(path).is_dir() and manifest_file.exists() else {}

@@ -1,0 +1,137 @@
+"""`lowbit prepare` on the real default model: tokenizer repair, artifacts, reuse, the gate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("optimum.intel", reason="conversion tools not installed (make install-prepare)")
+
+from app.default_model import default_model_path  # noqa: E402
+from engines.base import GenerationRequest, SamplingParams  # noqa: E402
+from engines.prepare.evaluation import evaluation_text  # noqa: E402
+from engines.prepare.gguf_tokenizer import build_tokenizer  # noqa: E402
+from engines.prepare.pipeline import MANIFEST, AccuracyGateFailed, prepare  # noqa: E402
+from engines.prepare.targets import UnknownTarget  # noqa: E402
+
+SAMPLES = ["Hello world", "<|im_start|>user\nHi there! Grüße 🚀<|im_end|>\n",
+           "  leading spaces and\ttabs\n\nnumbers 12345 3.14", "It's don't I'll we've", "def f(x):\n    return x**2"]
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(out_dir):
+    lines = []
+    (artifact,) = prepare(default_model_path(), ["openvino-cpu-int8"], out_dir, progress=lines.append)
+    return artifact, lines
+
+
+def test_rebuilt_tokenizer_gives_the_ids_openvino_genai_reads_from_the_gguf():
+    import openvino_genai
+
+    ours = build_tokenizer(default_model_path())
+    theirs = openvino_genai.Tokenizer(str(default_model_path()))
+    for text in SAMPLES + [evaluation_text()]:
+        expected = theirs.encode(text, add_special_tokens=False).input_ids.data[0].tolist()
+        assert ours(text, add_special_tokens=False).input_ids == expected
+    assert (ours.eos_token, ours.eos_token_id) == ("<|im_end|>", 2)
+    assert ours("Hi").input_ids[0] != ours.bos_token_id  # nothing is prepended
+
+
+def test_int8_artifact_passes_the_gate_with_a_complete_manifest(int8_artifact):
+    artifact, lines = int8_artifact
+    manifest = json.loads((artifact.path / MANIFEST).read_text())
+    assert manifest["target"] == "openvino-cpu-int8" and manifest["engine"] == "openvino"
+    assert manifest["device"] == "CPU"
+    assert manifest["source"]["format"] == "gguf" and len(manifest["source"]["sha256"]) == 64
+    assert manifest["quantization"]["bits"] == 8 and manifest["quantization"]["symmetric"] is False
+    evaluation = manifest["evaluation"]
+    assert evaluation["passed"] and evaluation["ratio"] <= evaluation["max_ratio"] == 1.02
+    assert evaluation["perplexity"] > 1 and evaluation["tokens"] > 1000
+    assert manifest["tools"]["nncf"] and manifest["tools"]["openvino"]
+    assert any("perplexity" in line and "pass" in line for line in lines)  # the figures are printed
+    assert (artifact.path / "openvino_tokenizer.xml").exists()
+
+
+def test_a_repeated_prepare_reuses_the_finished_artifact(out_dir, int8_artifact):
+    artifact, _ = int8_artifact
+    lines = []
+    (again,) = prepare(default_model_path(), ["openvino-cpu-int8"], out_dir, progress=lines.append)
+    assert again.reused and again.path == artifact.path
+    assert not any("build" in line for line in lines)
+
+
+def test_the_artifact_serves_through_the_engine(int8_artifact):
+    from app.server import resolve_model
+    from app.settings import EngineSpec
+    from engines.openvino_engine import OpenVINOEngine, OpenVINOOptions
+
+    artifact, _ = int8_artifact
+    path, model_id, spec = resolve_model(EngineSpec(model=str(artifact.path)))
+    assert spec.device == ("CPU",) and spec.engine == "openvino"  # from the manifest
+    assert model_id == "SmolLM2-135M-Instruct.Q4_1"
+    engine = OpenVINOEngine(path, OpenVINOOptions(devices=spec.device))
+    engine.start()
+    try:
+        assert engine.info.quantization == "int8-asym-channel"
+        tokenizer = engine.tokenizer
+        prompt = tuple(tokenizer.encode(tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France?"}])))
+
+        async def answer() -> str:
+            tokens = []
+            request = GenerationRequest("q", prompt, SamplingParams(max_tokens=20, temperature=0))
+            async for chunk in engine.generate(request):
+                tokens.extend(chunk.token_ids)
+            return tokenizer.decode(tokens)
+
+        assert "Paris" in asyncio.run(answer())
+    finally:
+        engine.stop()
+
+
+def test_the_gate_refuses_a_corrupted_artifact_and_keeps_nothing(out_dir, int8_artifact):
+    def corrupt_scales(staging):
+        # Multiply every weight scale by 3: the model still runs, but badly.
+        import numpy as np
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(staging / "openvino_model.xml"))
+        for node in model.get_ordered_ops():
+            if node.get_type_name() == "Multiply":
+                scale = node.input_value(1).get_node()
+                if scale.get_type_name() == "Constant" and scale.get_element_type() == ov.Type.f16:
+                    data = np.array(scale.get_data(), dtype=np.float16) * 3
+                    node.input(1).replace_source_output(ov.opset13.constant(data).output(0))
+        ov.save_model(model, str(staging / "corrupt.xml"))
+        (staging / "corrupt.xml").replace(staging / "openvino_model.xml")
+        (staging / "corrupt.bin").replace(staging / "openvino_model.bin")
+
+    other = out_dir / "refused"
+    with pytest.raises(AccuracyGateFailed, match="above the limit"):
+        prepare(default_model_path(), ["openvino-cpu-int8"], other, progress=lambda _: None, corrupt=corrupt_scales)
+    assert not [p for p in other.iterdir() if p.name != ".work"]  # no artifact, no staging left
+
+
+def test_unknown_and_planned_targets_are_clear_errors(tmp_path):
+    with pytest.raises(UnknownTarget, match="not available yet"):
+        prepare(default_model_path(), ["onnxruntime-cpu"], tmp_path)
+    with pytest.raises(UnknownTarget, match="available: openvino-cpu"):
+        prepare(default_model_path(), ["nonsense"], tmp_path)
+
+
+def test_cli_prints_the_table_and_exits_zero(out_dir, int8_artifact):
+    result = subprocess.run([sys.executable, "-m", "app.cli", "prepare", "--target", "openvino-cpu-int8",
+                             "--out", str(out_dir)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "openvino-cpu-int8" in result.stdout and "reusing" in result.stdout
+    assert "lowbit serve --model" in result.stdout
