@@ -84,6 +84,7 @@ def default_engine_builder(settings: Settings) -> EngineBuilder:
             "npu_max_prompt_len": settings.npu_max_prompt_len,
             "npu_min_response_len": settings.npu_min_response_len,
             "cache_dir": settings.cache_dir,
+            "num_workers": settings.onnxruntime_workers,
         }
         return build_engine(spec.engine, model_path, spec.device, options)
 

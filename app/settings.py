@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-EngineKind = Literal["openvino"]
+EngineKind = Literal["openvino", "onnxruntime"]
 
 
 def _split_list(value: object) -> object:
@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     npu_max_prompt_len: int = Field(1024, gt=0, description="NPU: longest prompt compiled for")
     npu_min_response_len: int = Field(256, gt=0, description="NPU: tokens reserved for the answer")
     cache_dir: str | None = Field(None, description="OpenVINO compiled-model cache directory")
+
+    # --- ONNX Runtime GenAI ------------------------------------------------------------------
+    onnxruntime_workers: int = Field(0, ge=0, description="Worker processes (one request each at a time); 0: one per core")
 
     # --- logs -----------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")

@@ -8,6 +8,7 @@ is used only after it matched the runtime's decoder on sample text (see OpenVINO
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,8 +30,14 @@ def _unicode_to_byte() -> dict[str, int]:
 
 
 class ByteLevelDecoder:
-    def __init__(self, token_bytes: list[bytes]):
+    def __init__(self, token_bytes: list[bytes], errors: str = "ignore"):
         self._token_bytes = token_bytes
+        # How bytes that form no whole character come out: left out ("ignore", as OpenVINO's
+        # GGUF tokenizer does) or as U+FFFD ("replace", as its converted HF tokenizers do).
+        self.errors = errors
+
+    def with_errors(self, errors: str) -> ByteLevelDecoder:
+        return ByteLevelDecoder(self._token_bytes, errors)
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> ByteLevelDecoder | None:
@@ -51,8 +58,34 @@ class ByteLevelDecoder:
                 table.append(bytes(to_byte[c] for c in token))
         return cls(table)
 
+    @classmethod
+    def from_tokenizer_json(cls, directory: str | Path) -> ByteLevelDecoder | None:
+        """The decoder for a directory whose tokenizer.json is byte-level BPE, else None."""
+        path = Path(directory) / "tokenizer.json"
+        if not path.exists():
+            return None
+        spec = json.loads(path.read_text())
+        model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+        if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
+            return None
+        vocab: dict[str, int] = model.get("vocab") or {}
+        special = {token["id"] for token in spec.get("added_tokens", []) if token.get("special")}
+        for token in spec.get("added_tokens", []):
+            vocab.setdefault(token["content"], token["id"])
+        to_byte = _unicode_to_byte()
+        table = [b""] * (max(vocab.values(), default=-1) + 1)
+        for token, index in vocab.items():
+            if index not in special and all(c in to_byte for c in token):
+                table[index] = bytes(to_byte[c] for c in token)
+        return cls(table)
+
+    @classmethod
+    def for_model(cls, path: str | Path) -> ByteLevelDecoder | None:
+        if Path(path).is_dir():
+            return cls.from_tokenizer_json(path)
+        return cls.from_gguf(path)
+
     def decode(self, token_ids: Sequence[int]) -> str:
         table = self._token_bytes
         data = b"".join(table[i] for i in token_ids if 0 <= i < len(table))
-        # Like OpenVINO's decoder: bytes that do not form a whole character are left out.
-        return data.decode("utf-8", errors="ignore")
+        return data.decode("utf-8", errors=self.errors)

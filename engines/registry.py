@@ -8,7 +8,7 @@ from typing import Any
 
 from engines.base import Engine
 
-ENGINE_KINDS = ("openvino",)
+ENGINE_KINDS = ("openvino", "onnxruntime")
 
 
 def build_engine(kind: str, model_path: str | Path, devices: tuple[str, ...],
@@ -17,5 +17,14 @@ def build_engine(kind: str, model_path: str | Path, devices: tuple[str, ...],
     if kind == "openvino":
         from engines.openvino_engine import OpenVINOEngine, OpenVINOOptions
 
-        return OpenVINOEngine(model_path, OpenVINOOptions(devices=devices, **options))
+        known = set(OpenVINOOptions.__dataclass_fields__)
+        return OpenVINOEngine(model_path, OpenVINOOptions(devices=devices, **{k: v for k, v in options.items() if k in known}))
+    if kind == "onnxruntime":
+        from engines.onnxruntime_engine import OnnxRuntimeEngine, OnnxRuntimeOptions
+
+        known = set(OnnxRuntimeOptions.__dataclass_fields__) - {"provider"}
+        # The first device names the execution provider: cpu, cuda, dml, QNN, OpenVINO.
+        provider = devices[0] if devices else "cpu"
+        return OnnxRuntimeEngine(model_path, OnnxRuntimeOptions(
+            provider=provider, **{k: v for k, v in options.items() if k in known}))
     raise ValueError(f"unknown engine kind {kind!r}; known: {', '.join(ENGINE_KINDS)}")

@@ -72,3 +72,19 @@ def perplexity_openvino(model_dir: Path, token_ids: list[int]) -> float:
         total += _nll_sum(logits, window)
         count += length - 1
     return math.exp(total / count)
+
+
+def perplexity_onnxruntime(model_dir: Path, token_ids: list[int]) -> float:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    total, count = 0.0, 0
+    for window in _windows(token_ids):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(window) + 1)
+        generator = og.Generator(model, params)  # a fresh generator: an empty cache
+        generator.append_tokens(window)
+        logits = np.asarray(generator.get_output("logits"))[0]
+        total += _nll_sum(logits, window)
+        count += len(window) - 1
+    return math.exp(total / count)

@@ -49,8 +49,13 @@ def artifact_key(source: Source, target: Target) -> str:
 
 
 def prepare(source_path: str | Path, target_names: Iterable[str], out_dir: str | Path,
-            progress: Progress = print, corrupt: Callable[[Path], None] | None = None) -> list[PreparedArtifact]:
-    """Build (or reuse) one artifact per target. `corrupt` is a test hook run before evaluation."""
+            progress: Progress = print, corrupt: Callable[[Path], None] | None = None,
+            work_dir: str | Path | None = None) -> list[PreparedArtifact]:
+    """Build (or reuse) one artifact per target.
+
+    `work_dir` holds the converted checkpoint (default: OUT/.work); `corrupt` is a test hook
+    that damages an artifact before it is evaluated.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     targets = [get_target(name) for name in target_names]  # unknown names fail before any work
@@ -66,7 +71,9 @@ def prepare(source_path: str | Path, target_names: Iterable[str], out_dir: str |
     if not pending:
         return results
 
-    checkpoint = _step(progress, "source to checkpoint", lambda: to_checkpoint(source, out / ".work"))
+    work = Path(work_dir) if work_dir is not None else out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = _step(progress, "source to checkpoint", lambda: to_checkpoint(source, work))
     token_ids = _evaluation_ids(checkpoint)
     reference = _step(progress, f"reference perplexity ({len(token_ids)} tokens)",
                       lambda: perplexity_checkpoint(checkpoint, token_ids))
@@ -126,6 +133,10 @@ def _manifest(source: Source, target: Target, artifact: Path, reference: float, 
         "device": target.device,
         "quantization": target.scheme.as_dict(),
         "calibration": None,  # data-free; calibration-aware schemes come with their own targets
+        # Evaluation runs on this machine's CPU. For another device the format is checked
+        # (and it compiles and runs on the CPU), but it was not run on that device.
+        "evaluated_on": "CPU",
+        "run_on_target_device": target.device == "CPU",
         "evaluation": {
             "text_sha256": evaluation_text_sha256(), "tokens": num_tokens,
             "reference_perplexity": round(reference, 4), "perplexity": round(perplexity, 4),

@@ -23,8 +23,8 @@ SAMPLES = ["Hello world", "<|im_start|>user\nHi there! Grüße 🚀<|im_end|>\n"
 
 
 @pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("artifacts")
+def out_dir(artifacts_dir):
+    return artifacts_dir
 
 
 @pytest.fixture(scope="module")
@@ -116,15 +116,16 @@ def test_the_gate_refuses_a_corrupted_artifact_and_keeps_nothing(out_dir, int8_a
         (staging / "corrupt.xml").replace(staging / "openvino_model.xml")
         (staging / "corrupt.bin").replace(staging / "openvino_model.bin")
 
-    other = out_dir / "refused"
+    other = out_dir.parent / "refused"
     with pytest.raises(AccuracyGateFailed, match="above the limit"):
-        prepare(default_model_path(), ["openvino-cpu-int8"], other, progress=lambda _: None, corrupt=corrupt_scales)
-    assert not [p for p in other.iterdir() if p.name != ".work"]  # no artifact, no staging left
+        prepare(default_model_path(), ["openvino-cpu-int8"], other, progress=lambda _: None, corrupt=corrupt_scales,
+                work_dir=out_dir / ".work")
+    assert list(other.iterdir()) == []  # no artifact, no staging left
 
 
 def test_unknown_and_planned_targets_are_clear_errors(tmp_path):
     with pytest.raises(UnknownTarget, match="not available yet"):
-        prepare(default_model_path(), ["onnxruntime-cpu"], tmp_path)
+        prepare(default_model_path(), ["tensorrt-llm"], tmp_path)
     with pytest.raises(UnknownTarget, match="available: openvino-cpu"):
         prepare(default_model_path(), ["nonsense"], tmp_path)
 
@@ -135,3 +136,27 @@ def test_cli_prints_the_table_and_exits_zero(out_dir, int8_artifact):
     assert result.returncode == 0, result.stderr
     assert "openvino-cpu-int8" in result.stdout and "reusing" in result.stdout
     assert "lowbit serve --model" in result.stdout
+
+
+def test_npu_target_has_the_npu_weight_format_and_runs_on_the_cpu(prepared):
+    from engines.prepare.targets import check_npu_weight_format
+
+    artifact = prepared("openvino-npu")
+    counts = check_npu_weight_format(artifact.path)
+    assert counts.get("i4", 0) > 0 and "u4" not in counts
+    manifest = artifact.manifest
+    assert manifest["device"] == "NPU" and manifest["run_on_target_device"] is False
+    assert manifest["quantization"]["symmetric"] and manifest["quantization"]["group_size"] == -1
+
+
+def test_npu_format_check_rejects_an_asymmetric_grouped_ir(prepared):
+    from engines.prepare.targets import check_npu_weight_format
+
+    with pytest.raises(ValueError):
+        check_npu_weight_format(prepared("openvino-cpu").path)
+
+
+def test_onnxruntime_artifact_passes_its_gate(prepared):
+    manifest = prepared("onnxruntime-cpu").manifest
+    assert manifest["engine"] == "onnxruntime" and manifest["quantization"]["group_size"] == 32
+    assert manifest["evaluation"]["passed"] and manifest["evaluation"]["ratio"] <= 1.40
