@@ -1,0 +1,38 @@
+"""Every artifact `lowbit prepare` makes is served by `lowbit serve` and answers the openai client."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.blackbox.conftest import ServerProcess
+
+pytestmark = pytest.mark.blackbox
+
+
+@pytest.mark.parametrize("target, env, engine, device", [
+    ("openvino-cpu", {}, "openvino", "CPU"),
+    ("onnxruntime-cpu", {}, "onnxruntime", "CPU"),
+    # The NPU artifact, on a machine without an NPU: NPU first, then the CPU.
+    ("openvino-npu", {"LOWBIT_DEVICE": "NPU,CPU"}, "openvino", "CPU"),
+])
+def test_prepared_artifact_is_served(prepared, server_logs, target, env, engine, device):
+    artifact = prepared(target)
+    process = ServerProcess(server_logs, f"artifact-{target}", env=env, args=["--model", str(artifact.path)])
+    try:
+        ready = process.wait_ready()
+        model_id = artifact.manifest["model_id"]
+        card = httpx.get(f"{process.base_url}/v1/models").json()["data"][0]
+        assert (card["id"], card["engine"], card["device"]) == (model_id, engine, device)
+        assert card["quantization"] == artifact.manifest["quantization"]["name"]
+        assert ready["engines"][0]["engine"] == engine
+        reply = process.client().chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0, max_tokens=24)
+        assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+        streamed = process.client().chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": "Say hello."}], temperature=0, max_tokens=8,
+            stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    finally:
+        assert process.stop() == 0
