@@ -66,6 +66,7 @@ def prepare(source_path: str | Path, target_names: Iterable[str], out_dir: str |
         if (final / MANIFEST).exists():
             progress(f"{target.name}: reusing {final}")
             results.append(PreparedArtifact(target.name, final, True, json.loads((final / MANIFEST).read_text())))
+            _point_latest(out, target.name, final)
         else:
             pending.append((target, final))
     if not pending:
@@ -102,7 +103,16 @@ def prepare(source_path: str | Path, target_names: Iterable[str], out_dir: str |
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         results.append(PreparedArtifact(target.name, final, False, manifest))
+        _point_latest(out, target.name, final)
     return results
+
+
+def _point_latest(out: Path, target: str, artifact: Path) -> None:
+    """OUT/<target>.latest holds the path of the newest artifact for that target (for scripts)."""
+    pointer = out / f"{target}.latest"
+    partial = pointer.with_name(pointer.name + ".partial")
+    partial.write_text(str(artifact.resolve()) + "\n")
+    partial.replace(pointer)
 
 
 def _step(progress: Progress, name: str, work):
