@@ -40,10 +40,14 @@ $(VENV)/.installed-prepare: pyproject.toml $(VENV)/.installed-serve
 
 # Serves the most accurate artifact this machine prepares in a first start of about two
 # minutes: INT8 of the embedded model (see README). With LOWBIT_MODEL or LOWBIT_ENGINES
-# set, serves that instead and prepares nothing.
+# set, serves that instead and prepares nothing. LOWBIT_ENGINE=native serves through the
+# native PyTorch engine (it converts the GGUF to a checkpoint once, into ~/.cache/lowbit).
 DEFAULT_TARGET := openvino-cpu-int8
 run: install
-	@if [ -n "$$LOWBIT_MODEL$$LOWBIT_ENGINES" ]; then \
+	@if [ "$$LOWBIT_ENGINE" = native ]; then \
+		$(MAKE) --no-print-directory install-prepare && exec $(VENV)/bin/lowbit serve; \
+	fi; \
+	if [ -n "$$LOWBIT_MODEL$$LOWBIT_ENGINES" ]; then \
 		exec $(VENV)/bin/lowbit serve; \
 	fi; \
 	$(MAKE) --no-print-directory install-prepare && \

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-EngineKind = Literal["openvino", "onnxruntime"]
+EngineKind = Literal["openvino", "onnxruntime", "native"]
 
 
 def _split_list(value: object) -> object:

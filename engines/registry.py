@@ -8,7 +8,7 @@ from typing import Any
 
 from engines.base import Engine
 
-ENGINE_KINDS = ("openvino", "onnxruntime")
+ENGINE_KINDS = ("openvino", "onnxruntime", "native")
 
 
 def build_engine(kind: str, model_path: str | Path, devices: tuple[str, ...],
@@ -27,4 +27,11 @@ def build_engine(kind: str, model_path: str | Path, devices: tuple[str, ...],
         provider = devices[0] if devices else "cpu"
         return OnnxRuntimeEngine(model_path, OnnxRuntimeOptions(
             provider=provider, **{k: v for k, v in options.items() if k in known}))
+    if kind == "native":
+        from engines.native.engine import NativeEngine, NativeOptions
+
+        # The first CPU or CUDA device in the preference list (NPU entries do not apply).
+        device = next((d.lower() for d in devices if d.lower() == "cpu" or d.lower().startswith("cuda")), "cpu")
+        known = set(NativeOptions.__dataclass_fields__) - {"device"}
+        return NativeEngine(model_path, NativeOptions(device=device, **{k: v for k, v in options.items() if k in known}))
     raise ValueError(f"unknown engine kind {kind!r}; known: {', '.join(ENGINE_KINDS)}")

@@ -36,3 +36,21 @@ def test_prepared_artifact_is_served(prepared, server_logs, target, env, engine,
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     finally:
         assert process.stop() == 0
+
+
+def test_native_engine_serves_the_default_model_on_the_cpu(artifacts_dir, server_logs):
+    pytest.importorskip("transformers", reason="needs `make install-prepare`")
+    work = artifacts_dir / ".work"  # the GGUF's converted checkpoint is cached here
+    work.mkdir(exist_ok=True)
+    process = ServerProcess(server_logs, "native", env={
+        "LOWBIT_ENGINE": "native", "LOWBIT_DEVICE": "cpu", "LOWBIT_CACHE_DIR": str(work)})
+    try:
+        process.wait_ready(timeout_s=300)
+        card = httpx.get(f"{process.base_url}/v1/models").json()["data"][0]
+        assert (card["engine"], card["device"], card["quantization"]) == ("native", "CPU", "fp32")
+        reply = process.client().chat.completions.create(
+            model=card["id"], messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0, max_tokens=16)
+        assert "Paris" in reply.choices[0].message.content
+    finally:
+        assert process.stop() == 0

@@ -1,7 +1,7 @@
 """One behaviour, every engine: the conformance suite, through the engine interface.
 
-Engines here: OpenVINO on the GGUF, OpenVINO on the INT4 IR and ONNX Runtime GenAI on
-its INT4 model (both from `lowbit prepare`). Text handling (stop strings, usage) goes
+Engines here: OpenVINO on the GGUF, OpenVINO on the INT4 IR, ONNX Runtime GenAI on its
+INT4 model (both from `lowbit prepare`) and the native engine on the CPU (float32 checkpoint). Text handling (stop strings, usage) goes
 through the server's own TextOutput, exactly as a request would.
 """
 
@@ -21,7 +21,7 @@ from app.text_output import TextOutput
 from engines.base import FinishReason, GenerationChunk, GenerationRequest, SamplingParams
 
 STORY = [{"role": "user", "content": "Write a long story about a robot who learns to paint."}]
-ENGINES = ["openvino-gguf", "openvino-int4-ir", "onnxruntime-int4"]
+ENGINES = ["openvino-gguf", "openvino-int4-ir", "onnxruntime-int4", "native-cpu"]
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -30,6 +30,14 @@ def engine(request):
 
     if request.param == "openvino-gguf":
         engine = build_engine("openvino", default_model_path(), ("CPU",), {})
+    elif request.param == "native-cpu":
+        pytest.importorskip("transformers", reason="needs `make install-prepare`")
+        from engines.prepare.checkpoint import describe_source, to_checkpoint
+
+        work = request.getfixturevalue("artifacts_dir") / ".work"
+        work.mkdir(exist_ok=True)
+        checkpoint = to_checkpoint(describe_source(default_model_path()), work)
+        engine = build_engine("native", checkpoint, ("cpu",), {"kv_cache_tokens": 16384})
     else:
         prepared = request.getfixturevalue("prepared")
         target = "openvino-cpu" if request.param == "openvino-int4-ir" else "onnxruntime-cpu"

@@ -46,9 +46,21 @@ def test_scheduler_imports_nothing_from_fastapi():
         assert not roots(imported_modules(ROOT / "app" / name)) & {"fastapi", "starlette"}
 
 
+# Modules private to one engine, imported only once that engine is chosen and started.
+ENGINE_PRIVATE = {ROOT / "engines" / "native" / name for name in ("model.py", "model_runner.py", "sampler.py")}
+
+
 def test_heavy_runtimes_are_imported_inside_engine_modules_only():
     for path in list((ROOT / "app").rglob("*.py")) + list((ROOT / "engines").rglob("*.py")):
-        assert not roots(top_level_imports(path)) & HEAVY_RUNTIMES, path
+        if path not in ENGINE_PRIVATE:
+            assert not roots(top_level_imports(path)) & HEAVY_RUNTIMES, path
+
+
+def test_engine_private_modules_are_imported_lazily():
+    private = {"engines.native.model", "engines.native.model_runner", "engines.native.sampler"}
+    for path in list((ROOT / "app").rglob("*.py")) + list((ROOT / "engines").rglob("*.py")):
+        if path not in ENGINE_PRIVATE:
+            assert not top_level_imports(path) & private, path
     for path in (ROOT / "app").rglob("*.py"):
         assert not roots(imported_modules(path)) & HEAVY_RUNTIMES, path
 
@@ -59,3 +71,8 @@ def test_prometheus_objects_live_in_the_metrics_module_only():
             source = path.read_text()
             for constructor in ("Counter(", "Histogram(", "Gauge("):
                 assert constructor not in source, (path, constructor)
+
+
+def test_native_scheduler_and_block_manager_import_no_torch():
+    for name in ("scheduler.py", "block_manager.py", "sequence.py"):
+        assert "torch" not in roots(imported_modules(ROOT / "engines" / "native" / name)), name

@@ -1,0 +1,205 @@
+"""The native engine behind lowbit's Engine interface: one thread runs schedule -> model -> postprocess.
+
+It loads a Hugging Face checkpoint directory (safetensors) or a GGUF, which it converts once
+into a checkpoint next to a cache directory (the same conversion `lowbit prepare` uses).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+from engines.base import (
+    DeviceAttempt,
+    Engine,
+    EngineError,
+    EngineInfo,
+    EngineNotReady,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+)
+from engines.byte_level_decoder import ByteLevelDecoder
+from engines.native.block_manager import BlockManager
+from engines.native.scheduler import Scheduler, SchedulerConfig
+from engines.native.sequence import Sequence
+from engines.request_streams import RequestStreams, iterate_queue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NativeOptions:
+    device: str = "cpu"  # "cuda" on a GPU
+    dtype: str | None = None  # default: float32 on the CPU, bfloat16 on a GPU
+    block_size: int = 16
+    kv_cache_tokens: int = 32768
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    cache_dir: str | None = None  # where a GGUF's converted checkpoint goes
+
+
+class HFTokenizer:
+    """A checkpoint's Hugging Face tokenizer as lowbit's Tokenizer."""
+
+    def __init__(self, directory: Path):
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        self.eos_token_ids = frozenset({int(self._tokenizer.eos_token_id)})
+        decoder = ByteLevelDecoder.from_tokenizer_json(directory)
+        self._fast = decoder.with_errors("replace") if decoder and self._agrees(decoder.with_errors("replace")) else None
+
+    def _agrees(self, decoder: ByteLevelDecoder) -> bool:
+        ids = self.encode("Grüße aus Köln! 東京 🚀 def f(x):\n    return x")
+        windows = [ids[start:end] for start in range(len(ids)) for end in range(start + 1, min(start + 6, len(ids)) + 1)]
+        return all(decoder.decode(w) == self._tokenizer.decode(w, skip_special_tokens=True) for w in windows)
+
+    def apply_chat_template(self, messages: Seq[dict[str, str]]) -> str:
+        return self._tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer(text, add_special_tokens=False).input_ids
+
+    def decode(self, token_ids: Seq[int]) -> str:
+        if self._fast is not None:
+            return self._fast.decode(token_ids)
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+class NativeEngine(Engine):
+    kind = "native"
+
+    def __init__(self, model_path: str | Path, options: NativeOptions = NativeOptions()):
+        self._model_path = Path(model_path)
+        self._options = options
+        self._info: EngineInfo | None = None
+        self._tokenizer: HFTokenizer | None = None
+        self._streams = RequestStreams()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._healthy = False
+        self._scheduler: Scheduler | None = None
+
+    @property
+    def info(self) -> EngineInfo:
+        if self._info is None:
+            raise EngineNotReady(self.kind, "not started")
+        return self._info
+
+    @property
+    def tokenizer(self) -> HFTokenizer:
+        if self._tokenizer is None:
+            raise EngineNotReady(self.kind, "not started")
+        return self._tokenizer
+
+    def start(self) -> None:
+        from engines.native.model_runner import ModelRunner, RunnerConfig
+
+        checkpoint = self._checkpoint()
+        options = self._options
+        dtype = options.dtype or ("float32" if options.device == "cpu" else "bfloat16")
+        runner = ModelRunner(RunnerConfig(options.device, dtype, options.block_size, options.kv_cache_tokens), checkpoint)
+        self._tokenizer = HFTokenizer(checkpoint)
+        self._scheduler = Scheduler(SchedulerConfig(options.max_num_seqs, options.max_num_batched_tokens),
+                                    BlockManager(runner.num_blocks, options.block_size))
+        self._info = EngineInfo(
+            engine=self.kind, device=options.device.upper(), model_path=str(self._model_path),
+            context_length=runner.model_config.max_position_embeddings, quantization=dtype.replace("float", "fp").replace("bfp16", "bf16"),
+            max_concurrency=options.max_num_seqs, device_attempts=(DeviceAttempt(options.device.upper()),))
+        self._healthy = True
+        self._thread = threading.Thread(target=self._loop, args=(runner,), name="native-engine", daemon=True)
+        self._thread.start()
+
+    def _checkpoint(self) -> Path:
+        if self._model_path.is_dir():
+            return self._model_path
+        from engines.prepare.checkpoint import describe_source, to_checkpoint
+
+        cache = Path(self._options.cache_dir or Path.home() / ".cache" / "lowbit")
+        cache.mkdir(parents=True, exist_ok=True)
+        return to_checkpoint(describe_source(self._model_path), cache)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._commands.put(("stop", None))
+            self._thread.join(timeout=30)
+            self._thread = None
+        self._healthy = False
+        self._streams.fail_all(EngineNotReady(self.kind, "engine stopped"))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if not self._healthy:
+            raise EngineNotReady(self.kind, "the native engine is not running")
+        chunks = self._streams.open(request.request_id)
+        finished = False
+        try:
+            self._commands.put(("add", request))
+            async for chunk in iterate_queue(chunks):
+                finished = chunk.finish_reason is not None
+                yield chunk
+        finally:
+            self._streams.close(request.request_id)
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def is_healthy(self) -> bool:
+        return self._healthy
+
+    def kv_cache_usage(self) -> float | None:
+        scheduler = self._scheduler
+        if scheduler is None:
+            return None
+        manager = scheduler.block_manager
+        return 1.0 - manager.num_free_blocks / manager.num_blocks
+
+    # --- the engine thread ----------------------------------------------------------------------
+
+    def _loop(self, runner) -> None:
+        scheduler = self._scheduler
+        eos = self.tokenizer.eos_token_ids
+        while True:
+            commands = [self._commands.get()] if scheduler.is_idle else []
+            while True:
+                try:
+                    commands.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+            for command, payload in commands:
+                if command == "stop":
+                    return
+                if command == "add":
+                    seq = Sequence(payload.request_id, list(payload.prompt_token_ids), payload.sampling)
+                    try:
+                        scheduler.add(seq)
+                    except ValueError as error:
+                        self._streams.deliver([(seq.seq_id, EngineError(self.kind, str(error)))])
+                elif command == "abort" and scheduler.abort(payload) is not None:
+                    runner.sampler.forget(payload)
+            if scheduler.is_idle:
+                continue
+            seqs, is_prefill = scheduler.schedule()
+            if not seqs:
+                continue
+            try:
+                tokens = runner.run(seqs, is_prefill)
+            except Exception as error:  # noqa: BLE001 - fail these requests, keep serving
+                log.exception("native: step failed")
+                for seq in seqs:
+                    scheduler.abort(seq.seq_id)
+                self._streams.deliver((seq.seq_id, EngineError(self.kind, f"step failed: {error}")) for seq in seqs)
+                continue
+            reasons = scheduler.postprocess(seqs, tokens, eos)
+            deliveries = []
+            for seq, token, reason in zip(seqs, tokens, reasons):
+                deliveries.append((seq.seq_id, GenerationChunk((token,), FinishReason(reason) if reason else None)))
+                if reason:
+                    runner.sampler.forget(seq.seq_id)
+            self._streams.deliver(deliveries)
