@@ -29,6 +29,10 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
             continue
+        if name == "model":  # repeatable: several models (or artifacts) side by side
+            parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="PATH",
+                                help=help_text + "; repeat to serve several side by side")
+            continue
         choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
         parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, choices=choices,
                             metavar=None if choices else name.split("_")[-1].upper(), help=help_text)
@@ -52,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(values: dict[str, object]) -> Settings:
+    values = dict(values)
+    models = values.pop("model", None)
+    if models and len(models) > 1:
+        # Several --model flags: one engine each; an artifact's manifest picks its engine and
+        # device, and each is served under its own model id.
+        values["engines"] = tuple({"model": model} for model in models)
+    elif models:
+        values["model"] = models[0]
     return Settings(**values)
 
 

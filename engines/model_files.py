@@ -47,7 +47,9 @@ def describe_model(path: str | Path) -> ModelDescription:
     return ModelDescription(
         path=str(model_path),
         format="directory",
-        name=manifest.get("model_id") or model_path.name,
+        # An artifact is named after its model and target, so that several artifacts of one
+        # model can be served side by side and told apart.
+        name=f"{manifest['model_id']}-{manifest['target']}" if manifest.get("model_id") else model_path.name,
         context_length=int(config.get("max_position_embeddings") or _DEFAULT_CONTEXT_LENGTH),
         quantization=quantization,
     )

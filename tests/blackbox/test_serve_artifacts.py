@@ -21,7 +21,7 @@ def test_prepared_artifact_is_served(prepared, server_logs, target, env, engine,
     process = ServerProcess(server_logs, f"artifact-{target}", env=env, args=["--model", str(artifact.path)])
     try:
         ready = process.wait_ready()
-        model_id = artifact.manifest["model_id"]
+        model_id = f"{artifact.manifest['model_id']}-{target}"
         card = httpx.get(f"{process.base_url}/v1/models").json()["data"][0]
         assert (card["id"], card["engine"], card["device"]) == (model_id, engine, device)
         assert card["quantization"] == artifact.manifest["quantization"]["name"]
@@ -52,5 +52,23 @@ def test_native_engine_serves_the_default_model_on_the_cpu(artifacts_dir, server
             model=card["id"], messages=[{"role": "user", "content": "What is the capital of France?"}],
             temperature=0, max_tokens=16)
         assert "Paris" in reply.choices[0].message.content
+    finally:
+        assert process.stop() == 0
+
+
+def test_several_artifacts_side_by_side(prepared, server_logs):
+    openvino, onnxruntime = prepared("openvino-cpu"), prepared("onnxruntime-cpu")
+    process = ServerProcess(server_logs, "side-by-side", args=[
+        "--model", str(openvino.path), "--model", str(onnxruntime.path)])
+    try:
+        ready = process.wait_ready()
+        assert sorted(e["engine"] for e in ready["engines"]) == ["onnxruntime", "openvino"]
+        models = httpx.get(f"{process.base_url}/v1/models").json()["data"]
+        assert {m["id"] for m in models} == {"SmolLM2-135M-Instruct.Q4_1-openvino-cpu",
+                                             "SmolLM2-135M-Instruct.Q4_1-onnxruntime-cpu"}
+        for model in models:
+            reply = process.client().chat.completions.create(
+                model=model["id"], messages=[{"role": "user", "content": "Say hello."}], temperature=0, max_tokens=8)
+            assert reply.choices[0].message.content and reply.model == model["id"]
     finally:
         assert process.stop() == 0

@@ -77,7 +77,7 @@ def test_the_artifact_serves_through_the_engine(int8_artifact):
     artifact, _ = int8_artifact
     path, model_id, spec = resolve_model(EngineSpec(model=str(artifact.path)))
     assert spec.device == ("CPU",) and spec.engine == "openvino"  # from the manifest
-    assert model_id == "SmolLM2-135M-Instruct.Q4_1"
+    assert model_id == "SmolLM2-135M-Instruct.Q4_1-openvino-cpu-int8"
     engine = OpenVINOEngine(path, OpenVINOOptions(devices=spec.device))
     engine.start()
     try:

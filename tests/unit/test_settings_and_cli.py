@@ -74,3 +74,10 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`LOWBIT_{name.upper()}` / `--{name.replace('_', '-')}`" in readme, name
+
+
+def test_several_model_flags_serve_side_by_side():
+    settings = parse_serve(["--model", "/a.gguf", "--model", "/artifacts/b"])
+    assert [spec.model for spec in settings.engine_specs()] == ["/a.gguf", "/artifacts/b"]
+    single = parse_serve(["--model", "/a.gguf"])
+    assert single.model == "/a.gguf" and len(single.engine_specs()) == 1
