@@ -52,7 +52,7 @@ class LlamaConfig:
 
 # Shapes of the models we benchmark with random weights.
 NAMED_SHAPES = {
-    "llama-3-8b": LlamaConfig(128256, 4096, 14336, 32, 32, 8, 8192, 1e-5, 500000.0,
+    "llama-3-8b": LlamaConfig(128256, 4096, 14336, 32, 32, 8, 131072, 1e-5, 500000.0,
                               {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
     "llama-3.2-1b": LlamaConfig(128256, 2048, 8192, 16, 32, 8, 131072, 1e-5, 500000.0,
@@ -139,6 +139,26 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return torch.cat(outputs, dim=0)
 
 
+def batched_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Decode attention for the whole batch at once (no per-sequence loop), softmax in fp32.
+
+    Gathers each sequence's blocks (padded to the longest block table), masks positions past
+    its context length. q: [seqs, heads, head_dim] -> [seqs, heads, head_dim].
+    """
+    seqs, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    keys = k_cache[meta.block_tables].flatten(1, 2)  # [seqs, blocks * block_size, kv_heads, d]
+    values = v_cache[meta.block_tables].flatten(1, 2)
+    grouped = q.view(seqs, kv_heads, group, head_dim).float()
+    scores = torch.einsum("skgd,stkd->skgt", grouped, keys.float()) * scale  # [seqs, kv, group, ctx]
+    valid = torch.arange(keys.shape[1], device=q.device)[None, :] < meta.context_lens[:, None]  # [seqs, ctx]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("skgt,stkd->skgd", scores.softmax(-1), values.float())
+    return out.reshape(seqs, heads, head_dim).to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -160,7 +180,8 @@ class Attention(nn.Module):
         flat_v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_k[meta.slot_mapping] = k  # write this step's K/V into their slots
         flat_v[meta.slot_mapping] = v
-        out = reference_attention(q, self.k_cache, self.v_cache, meta, self.head_dim ** -0.5)
+        attend = reference_attention if meta.is_prefill else batched_decode_attention
+        out = attend(q, self.k_cache, self.v_cache, meta, self.head_dim ** -0.5)
         return self.o_proj(out.reshape(tokens, -1))
 
 

@@ -49,6 +49,12 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """One step: prefill (all uncomputed tokens) or decode (the last token) -> next tokens."""
+        logits = self.logits(seqs, is_prefill)
+        return self.sampler.sample(logits, [seq.seq_id for seq in seqs], [seq.sampling for seq in seqs])
+
+    @torch.inference_mode()
+    def logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """The step's forward pass: float32 logits [seqs, vocab] at each sequence's last token."""
         input_ids, positions, slots, query_start, last_index = [], [], [], [0], []
         block_size = self.config.block_size
         for seq in seqs:
@@ -69,6 +75,5 @@ class ModelRunner:
             block_tables=torch.tensor(tables, **as_long),
             query_start=query_start,
         )
-        logits = self.model(torch.tensor(input_ids, **as_long), torch.tensor(positions, **as_long), meta,
-                            torch.tensor(last_index, **as_long))
-        return self.sampler.sample(logits, [seq.seq_id for seq in seqs], [seq.sampling for seq in seqs])
+        return self.model(torch.tensor(input_ids, **as_long), torch.tensor(positions, **as_long), meta,
+                          torch.tensor(last_index, **as_long))
