@@ -15,6 +15,7 @@ import sys
 from multiprocessing.connection import Connection
 
 from engines.base import FinishReason, GenerationRequest
+from engines.worker_inbox import CommandInbox
 
 
 def main(argv: list[str]) -> None:
@@ -49,33 +50,15 @@ def main(argv: list[str]) -> None:
 class _Runner:
     def __init__(self, og, model, commands: Connection, outputs: Connection, eos_token_ids: set[int]):
         self.og, self.model = og, model
-        self.commands, self.outputs = commands, outputs
+        self.inbox = CommandInbox(commands)
+        self.outputs = outputs
         self.eos_token_ids = eos_token_ids
-        self.waiting: list[GenerationRequest] = []
-        self.aborted: set[str] = set()
-        self.stopping = False
-
-    def take_commands(self, block: bool) -> None:
-        if block:
-            self.commands.poll(None)
-        while self.commands.poll(0):
-            command = self.commands.recv()
-            if command[0] == "add":
-                self.waiting.append(command[1])
-            elif command[0] == "abort":
-                self.aborted.add(command[1])
-            elif command[0] == "stop":
-                self.stopping = True
 
     def run(self) -> None:
-        while not self.stopping:
-            self.take_commands(block=not self.waiting)
-            if not self.waiting or self.stopping:
-                continue
-            request = self.waiting.pop(0)
-            if request.request_id in self.aborted:
-                self.aborted.discard(request.request_id)
-                self.outputs.send(("tokens", [(request.request_id, (), FinishReason.ABORT.value)]))
+        while not self.inbox.stopping:
+            self.inbox.take(block=not self.inbox.waiting)
+            request = None if self.inbox.stopping else self.inbox.next_request()
+            if request is None:
                 continue
             try:
                 self._generate(request)
@@ -99,9 +82,9 @@ class _Runner:
         stop_ids = self.eos_token_ids | set(sampling.stop_token_ids)
         generated = 0
         while True:
-            self.take_commands(block=False)
-            if self.stopping or request.request_id in self.aborted:
-                self.aborted.discard(request.request_id)
+            self.inbox.take(block=False)
+            if self.inbox.is_aborted(request.request_id):
+                self.inbox.forget(request.request_id)
                 self.outputs.send(("tokens", [(request.request_id, (), FinishReason.ABORT.value)]))
                 return
             generator.generate_next_token()

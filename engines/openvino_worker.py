@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
 from engines.base import FinishReason, GenerationRequest, SamplingParams
+from engines.worker_inbox import CommandInbox
 
 _KV_USAGE_REFRESH_S = 0.5  # get_metrics() is not free; report it twice a second
 
@@ -215,36 +216,16 @@ class _SingleRunner:
 
     def __init__(self, ov_genai, pipeline, commands: Connection, outputs: Connection):
         self.ov_genai, self.pipeline = ov_genai, pipeline
-        self.commands, self.outputs = commands, outputs
+        self.inbox = CommandInbox(commands)
+        self.outputs = outputs
         self.eos = int(pipeline.get_tokenizer().get_eos_token_id())
-        self.waiting: list[GenerationRequest] = []
-        self.aborted: set[str] = set()
-        self.stopping = False
-
-    def take_commands(self, block: bool) -> None:
-        if block:
-            self.commands.poll(None)
-        while self.commands.poll(0):
-            command = self.commands.recv()
-            if command[0] == "add":
-                self.waiting.append(command[1])
-            elif command[0] == "abort":
-                self.aborted.add(command[1])
-            elif command[0] == "stop":
-                self.stopping = True
 
     def run(self) -> None:
-        while True:
-            self.take_commands(block=not self.waiting)
-            if self.stopping:
-                return
-            if not self.waiting:
-                continue
-            request = self.waiting.pop(0)
-            if request.request_id in self.aborted:
-                self.aborted.discard(request.request_id)
-                continue
-            self._generate(request)
+        while not self.inbox.stopping:
+            self.inbox.take(block=not self.inbox.waiting)
+            request = None if self.inbox.stopping else self.inbox.next_request()
+            if request is not None:
+                self._generate(request)
 
     def _generate(self, request: GenerationRequest) -> None:
         ov_genai = self.ov_genai
@@ -262,8 +243,8 @@ class _SingleRunner:
                     tokens = (int(token),) if isinstance(token, int) else tuple(int(t) for t in token)
                     self.count += len(tokens)
                     self.last_token = tokens[-1] if tokens else self.last_token
-                    runner.take_commands(block=False)
-                    if runner.stopping or request.request_id in runner.aborted:
+                    runner.inbox.take(block=False)
+                    if runner.inbox.is_aborted(request.request_id):
                         return ov_genai.StreamingStatus.CANCEL
                     runner.outputs.send(("tokens", [(request.request_id, tokens, None)]))
                 except Exception:  # noqa: BLE001
@@ -281,8 +262,8 @@ class _SingleRunner:
         except Exception as error:  # noqa: BLE001
             self.outputs.send(("failed", [request.request_id], f"{type(error).__name__}: {error}"))
             return
-        if request.request_id in self.aborted or self.stopping:
-            self.aborted.discard(request.request_id)
+        if self.inbox.is_aborted(request.request_id):
+            self.inbox.forget(request.request_id)
             finish = FinishReason.ABORT
         elif streamer.last_token == self.eos or streamer.count < request.sampling.max_tokens:
             finish = FinishReason.STOP
