@@ -180,8 +180,16 @@ class Attention(nn.Module):
         flat_v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_k[meta.slot_mapping] = k  # write this step's K/V into their slots
         flat_v[meta.slot_mapping] = v
-        attend = reference_attention if meta.is_prefill else batched_decode_attention
-        out = attend(q, self.k_cache, self.v_cache, meta, self.head_dim ** -0.5)
+        scale = self.head_dim ** -0.5
+        if meta.is_prefill:
+            out = reference_attention(q, self.k_cache, self.v_cache, meta, scale)
+        elif q.is_cuda:
+            from engines.native.kernels import paged_decode_attention  # Triton: GPUs only
+
+            out = paged_decode_attention(q.contiguous(), self.k_cache, self.v_cache, meta.block_tables,
+                                         meta.context_lens, scale)
+        else:
+            out = batched_decode_attention(q, self.k_cache, self.v_cache, meta, scale)
         return self.o_proj(out.reshape(tokens, -1))
 
 
