@@ -67,3 +67,43 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, stride_row, size, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    columns = tl.arange(0, BLOCK)
+    mask = columns < size
+    x = tl.load(x_ptr + row * stride_row + columns, mask=mask, other=0.0).to(tl.float32)
+    inverse = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / size + eps)
+    weight = tl.load(weight_ptr + columns, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_row + columns, (x * inverse * weight).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """One kernel instead of eight: x [tokens, hidden] (contiguous) -> same shape and dtype."""
+    out = torch.empty_like(x)
+    _rms_norm_kernel[(x.shape[0],)](x, weight, out, x.stride(0), x.shape[1], eps,
+                                    BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8)
+    return out
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_token, stride_head, stride_angle, HALF: tl.constexpr):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    index = tl.arange(0, HALF)
+    base = x_ptr + token * stride_token + head * stride_head
+    x1 = tl.load(base + index).to(tl.float32)
+    x2 = tl.load(base + HALF + index).to(tl.float32)
+    cos = tl.load(cos_ptr + token * stride_angle + index)
+    sin = tl.load(sin_ptr + token * stride_angle + index)
+    tl.store(base + index, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty))
+    tl.store(base + HALF + index, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty))
+
+
+def apply_rope_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in one kernel, in place. x: [tokens, heads, head_dim]; cos/sin fp32 [tokens, head_dim/2]."""
+    _rope_kernel[(x.shape[0], x.shape[1])](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0),
+                                           HALF=x.shape[2] // 2, num_warps=1)
+    return x

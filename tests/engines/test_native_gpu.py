@@ -65,3 +65,23 @@ def test_a_captured_decode_step_gives_the_eager_logits():
     graphed = runner._decode_with_graph(seqs)
     relative = ((graphed - eager).norm() / eager.norm()).item()
     assert relative < 1e-2 and torch.equal(graphed.argmax(-1), eager.argmax(-1))
+
+
+def test_fused_rms_norm_and_rope_match_torch():
+    from engines.native import kernels
+    from engines.native.model import apply_rope
+
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    for hidden in (576, 4096):
+        x = torch.randn(37, hidden, device="cuda", generator=generator).bfloat16()
+        weight = torch.randn(hidden, device="cuda", generator=generator).bfloat16()
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        expected = x.float() * torch.rsqrt(variance + 1e-5) * weight.float()
+        got = kernels.rms_norm(x, weight, 1e-5).float()
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+    q = torch.randn(29, 32, 128, device="cuda", generator=generator).bfloat16()
+    angles = torch.rand(29, 64, device="cuda", generator=generator) * 100
+    cos, sin = angles.cos(), angles.sin()
+    expected = apply_rope(q.clone(), cos, sin).float()
+    got = kernels.apply_rope_inplace(q.clone(), cos, sin).float()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-2
