@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from engines.base import GenerationChunk
 
@@ -69,3 +69,25 @@ async def iterate_queue(queue: asyncio.Queue) -> AsyncIterator[GenerationChunk]:
         yield item
         if item.finish_reason is not None:
             return
+
+
+async def stream_request(streams: RequestStreams, request_id: str, submit: Callable[[], None],
+                         abort: Callable[[str], None]) -> AsyncIterator[GenerationChunk]:
+    """The engine side of `Engine.generate` for engines that run on their own thread or process.
+
+    Opens the request's queue, hands the request over with `submit`, yields its chunks, and
+    if the reader stops before the last chunk (disconnect, deadline, failure), aborts it.
+    Callers nest this in their own generator with `contextlib.aclosing`, so that the abort
+    happens when they are closed, not when this generator is garbage-collected.
+    """
+    chunks = streams.open(request_id)
+    finished = False
+    try:
+        submit()
+        async for chunk in iterate_queue(chunks):
+            finished = chunk.finish_reason is not None
+            yield chunk
+    finally:
+        streams.close(request_id)
+        if not finished:
+            abort(request_id)

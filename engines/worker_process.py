@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from multiprocessing.connection import Connection
 
 from engines.base import (
@@ -35,7 +36,7 @@ from engines.base import (
     GenerationRequest,
     Tokenizer,
 )
-from engines.request_streams import RequestStreams, iterate_queue
+from engines.request_streams import RequestStreams, stream_request
 
 log = logging.getLogger(__name__)
 
@@ -182,22 +183,19 @@ class ProcessEngine(Engine):
         self._streams.fail_all(EngineNotReady(self.kind, "engine stopped"))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        chunks = self._streams.open(request.request_id)
-        finished = False
-        try:
+        def submit() -> None:
             worker = self._assign(request.request_id)
             try:
                 worker.send(("add", request))
             except (OSError, EOFError) as error:
                 raise EngineError(self.kind, f"the worker process is gone: {error}") from None
-            async for chunk in iterate_queue(chunks):
-                finished = chunk.finish_reason is not None
-                yield chunk
+
+        try:
+            async with aclosing(stream_request(self._streams, request.request_id, submit, self.abort)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
-            self._streams.close(request.request_id)
-            if not finished:  # the caller stopped reading (disconnect, timeout) or we failed
-                self.abort(request.request_id)
-            self._release(request.request_id)
+            self._release(request.request_id)  # after the abort above, which needs the assignment
 
     def abort(self, request_id: str) -> None:
         worker = self._assigned.get(request_id)

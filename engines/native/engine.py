@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Sequence as Seq
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from engines.byte_level_decoder import ByteLevelDecoder
 from engines.native.block_manager import BlockManager
 from engines.native.scheduler import Scheduler, SchedulerConfig
 from engines.native.sequence import Sequence
-from engines.request_streams import RequestStreams, iterate_queue
+from engines.request_streams import RequestStreams, stream_request
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +136,12 @@ class NativeEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if not self._healthy:
             raise EngineNotReady(self.kind, "the native engine is not running")
-        chunks = self._streams.open(request.request_id)
-        finished = False
-        try:
+        def submit() -> None:
             self._commands.put(("add", request))
-            async for chunk in iterate_queue(chunks):
-                finished = chunk.finish_reason is not None
+
+        async with aclosing(stream_request(self._streams, request.request_id, submit, self.abort)) as chunks:
+            async for chunk in chunks:
                 yield chunk
-        finally:
-            self._streams.close(request.request_id)
-            if not finished:
-                self.abort(request.request_id)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
