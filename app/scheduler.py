@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -405,6 +405,3 @@ class Scheduler:
         for task in list(self._health_tasks):
             task.cancel()
         return len(still_running)
-
-    def all_handles(self) -> Iterable[RequestHandle]:
-        return tuple(self._handles)

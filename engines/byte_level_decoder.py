@@ -9,12 +9,19 @@ is used only after it matched the runtime's decoder on sample text (see OpenVINO
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engines.gguf_metadata import read_gguf_metadata
 
 _CONTROL_TOKEN = 3  # GGUF token type of special tokens, which decoding skips
+
+# Text whose tokens split characters, spaces and digits in many ways: a decoder that agrees
+# with the runtime's on every short window of it is trusted for serving.
+CHECK_TEXT = (
+    "Grüße aus Köln! naïve café, 東京 and emoji 🚀🙂. def f(x):\n    return x ** 2  # ok\n"
+    "  The quick brown fox, 1234567890 -- “quotes” and ‘more’.")
+_CHECK_WINDOW = 8
 
 
 def _unicode_to_byte() -> dict[str, int]:
@@ -89,3 +96,23 @@ class ByteLevelDecoder:
         table = self._token_bytes
         data = b"".join(table[i] for i in token_ids if 0 <= i < len(table))
         return data.decode("utf-8", errors=self.errors)
+
+
+def checked_decoder(decoder: ByteLevelDecoder | None, token_ids: Sequence[int],
+                    reference: Callable[[list[list[int]]], Sequence[str]]) -> ByteLevelDecoder | None:
+    """`decoder`, in whichever error mode reproduces `reference` on every window, else None.
+
+    `token_ids` should be CHECK_TEXT (and an end-of-sequence token) as the tokenizer encodes
+    it; `reference` decodes a batch of windows with the runtime's own decoder.
+    """
+    if decoder is None:
+        return None
+    ids = list(token_ids)
+    windows = [ids[start:end] for start in range(len(ids))
+               for end in range(start + 1, min(start + _CHECK_WINDOW, len(ids)) + 1)]
+    expected = list(reference(windows))
+    for errors in ("ignore", "replace"):
+        candidate = decoder.with_errors(errors)
+        if [candidate.decode(window) for window in windows] == expected:
+            return candidate
+    return None

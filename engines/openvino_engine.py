@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engines.base import DeviceAttempt, EngineInfo
-from engines.byte_level_decoder import ByteLevelDecoder
+from engines.byte_level_decoder import CHECK_TEXT, ByteLevelDecoder, checked_decoder
 from engines.model_files import describe_model
 from engines.worker_process import ProcessEngine, worker_options
 
@@ -40,11 +40,6 @@ class OpenVINOOptions:
     cache_dir: str | None = None
 
 
-_DECODER_CHECK_TEXT = (
-    "Grüße aus Köln! naïve café, 東京 and emoji 🚀🙂. def f(x):\n    return x ** 2  # ok\n"
-    "  The quick brown fox, 1234567890 -- “quotes” and ‘more’.")
-
-
 class OpenVINOTokenizer:
     """Adapts `openvino_genai.Tokenizer` (the model's own, from GGUF or IR) to `Tokenizer`."""
 
@@ -56,17 +51,11 @@ class OpenVINOTokenizer:
     def _checked_fast_decoder(self, model_path: str):
         """A byte-table decoder, if one can be built and agrees with OpenVINO on every window."""
         decoder = ByteLevelDecoder.for_model(model_path)
-        if decoder is None:
-            return None
-        ids = self.encode(_DECODER_CHECK_TEXT) + sorted(self.eos_token_ids)
-        windows = [ids[start:end] for start in range(0, len(ids), 3) for end in range(start + 1, min(start + 9, len(ids) + 1))]
-        expected = list(self._tokenizer.decode(windows, skip_special_tokens=True))
-        for errors in ("ignore", "replace"):
-            candidate = decoder.with_errors(errors)
-            if [candidate.decode(window) for window in windows] == expected:
-                return candidate
-        log.warning("openvino: the byte-level decoder disagrees with OpenVINO's; using OpenVINO's")
-        return None
+        checked = checked_decoder(decoder, self.encode(CHECK_TEXT) + sorted(self.eos_token_ids),
+                                  lambda windows: self._tokenizer.decode(windows, skip_special_tokens=True))
+        if decoder is not None and checked is None:
+            log.warning("openvino: the byte-level decoder disagrees with OpenVINO's; using OpenVINO's")
+        return checked
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
         return self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
@@ -107,8 +96,3 @@ class OpenVINOEngine(ProcessEngine):
             engine=self.kind, device=device, model_path=self._model_path,
             context_length=context_length, quantization=description.quantization,
             max_concurrency=1 if single else self._options.max_num_seqs, device_attempts=attempts)
-
-    @property
-    def worker_pid(self) -> int | None:
-        pids = self.worker_pids
-        return pids[0] if pids else None

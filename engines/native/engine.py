@@ -24,7 +24,7 @@ from engines.base import (
     GenerationChunk,
     GenerationRequest,
 )
-from engines.byte_level_decoder import ByteLevelDecoder
+from engines.byte_level_decoder import CHECK_TEXT, ByteLevelDecoder, checked_decoder
 from engines.native.block_manager import BlockManager
 from engines.native.scheduler import Scheduler, SchedulerConfig
 from engines.native.sequence import Sequence
@@ -44,6 +44,9 @@ class NativeOptions:
     cache_dir: str | None = None  # where a GGUF's converted checkpoint goes
 
 
+_DTYPE_LABELS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # as /v1/models shows them
+
+
 class HFTokenizer:
     """A checkpoint's Hugging Face tokenizer as lowbit's Tokenizer."""
 
@@ -52,13 +55,9 @@ class HFTokenizer:
 
         self._tokenizer = AutoTokenizer.from_pretrained(str(directory))
         self.eos_token_ids = frozenset({int(self._tokenizer.eos_token_id)})
-        decoder = ByteLevelDecoder.from_tokenizer_json(directory)
-        self._fast = decoder.with_errors("replace") if decoder and self._agrees(decoder.with_errors("replace")) else None
-
-    def _agrees(self, decoder: ByteLevelDecoder) -> bool:
-        ids = self.encode("Grüße aus Köln! 東京 🚀 def f(x):\n    return x")
-        windows = [ids[start:end] for start in range(len(ids)) for end in range(start + 1, min(start + 6, len(ids)) + 1)]
-        return all(decoder.decode(w) == self._tokenizer.decode(w, skip_special_tokens=True) for w in windows)
+        self._fast = checked_decoder(
+            ByteLevelDecoder.from_tokenizer_json(directory), self.encode(CHECK_TEXT) + sorted(self.eos_token_ids),
+            lambda windows: [self._tokenizer.decode(w, skip_special_tokens=True) for w in windows])
 
     def apply_chat_template(self, messages: Seq[dict[str, str]]) -> str:
         return self._tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
@@ -110,7 +109,7 @@ class NativeEngine(Engine):
                                     BlockManager(runner.num_blocks, options.block_size))
         self._info = EngineInfo(
             engine=self.kind, device=options.device.upper(), model_path=str(self._model_path),
-            context_length=runner.model_config.max_position_embeddings, quantization=dtype.replace("float", "fp").replace("bfp16", "bf16"),
+            context_length=runner.model_config.max_position_embeddings, quantization=_DTYPE_LABELS.get(dtype, dtype),
             max_concurrency=options.max_num_seqs, device_attempts=(DeviceAttempt(options.device.upper()),))
         self._healthy = True
         self._thread = threading.Thread(target=self._loop, args=(runner,), name="native-engine", daemon=True)

@@ -86,7 +86,7 @@ async def test_a_killed_worker_fails_requests_then_comes_back(engine):
     import os
     import signal
 
-    os.kill(engine.worker_pid, signal.SIGKILL)
+    os.kill(engine.worker_pids[0], signal.SIGKILL)
     for _ in range(100):
         if not engine.is_healthy():
             break
