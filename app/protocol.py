@@ -52,18 +52,24 @@ class ChatCompletionRequest(BaseModel):
     messages: Annotated[list[ChatMessage], Field(min_length=1, description="The conversation so far")]
     model: str = Field(description="Model id, as listed by GET /v1/models")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported; a non-empty map is refused")
     logprobs: bool = Field(False, description="Not supported; true is refused")
     max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=1, description="Most tokens to generate")
     n: int = Field(1, ge=1, description="Only 1 is supported")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    response_format: dict | None = Field(None, description='Only {"type": "text"}; JSON modes are refused')
     seed: int | None = Field(None, description="Makes sampling reproducible for this request")
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_SEQUENCES} stop strings")
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    tool_choice: str | dict | None = Field(None, description='Only "none" (tools are not supported)')
     tools: list[dict] | None = Field(None, description="Not supported; a non-empty list is refused")
+    top_logprobs: int | None = Field(None, description="Not supported (needs logprobs)")
+    functions: list[dict] | None = Field(None, description="Deprecated form of tools; refused")
+    function_call: str | dict | None = Field(None, description='Deprecated form of tool_choice; only "none"')
     user: str | None = Field(None, description="End-user id; accepted and ignored")
     # --- extensions (as in vLLM) ---
     top_k: int = Field(0, ge=-1, description="Keep the k most likely tokens; 0 or -1 disables")
@@ -87,8 +93,19 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("n > 1 is not supported; send one request per completion")
         if self.logprobs:
             raise ValueError("logprobs is not supported")
-        if self.tools:
+        # Each of these would change the answer; ignoring them would hand the client something
+        # other than what it asked for, so they are refused rather than dropped.
+        if self.tools or self.functions:
             raise ValueError("tools are not supported")
+        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
+            raise ValueError("tool_choice is not supported (tools are not supported)")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if self.top_logprobs:
+            raise ValueError("top_logprobs is not supported")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported; "
+                             "only 'text' is")
         return self
 
     @property

@@ -72,8 +72,13 @@ class ChatService:
             raise from_scheduler_error(error) from None
         slot = self._any_loaded_slot(body.model)
         tokenizer = slot.engine.tokenizer
-        context_length = min(s.engine.info.context_length for s in self._scheduler.slots()
-                             if s.model_id == body.model)
+        engines = [s.engine.info for s in self._scheduler.slots() if s.model_id == body.model]
+        context_length = min(info.context_length for info in engines)
+        if not all(info.supports_penalties for info in engines):
+            for name in ("presence_penalty", "frequency_penalty"):
+                if getattr(body, name):
+                    raise invalid_request(f"{name} is not supported by the {engines[0].engine} engine "
+                                          f"serving '{body.model}'", name, "unsupported_parameter")
         try:
             prompt = tokenizer.apply_chat_template(body.template_messages())
         except Exception as error:  # noqa: BLE001 - a template may reject a conversation

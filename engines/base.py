@@ -87,6 +87,7 @@ class EngineInfo:
     quantization: str  # e.g. "gguf-q4_1", "int4-asym-g128", "bf16"
     max_concurrency: int  # requests the engine runs at once (1 on an NPU)
     device_attempts: tuple[DeviceAttempt, ...] = field(default_factory=tuple)
+    supports_penalties: bool = True  # presence and frequency penalties (the server refuses them otherwise)
 
 
 class Tokenizer(Protocol):

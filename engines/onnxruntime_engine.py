@@ -61,4 +61,5 @@ class OnnxRuntimeEngine(ProcessEngine):
         return EngineInfo(
             engine=self.kind, device=device, model_path=self._model_path,
             context_length=int(self._genai_config.get("context_length") or description.context_length),
-            quantization=description.quantization, max_concurrency=self._num_workers, device_attempts=attempts)
+            quantization=description.quantization, max_concurrency=self._num_workers, device_attempts=attempts,
+            supports_penalties=False)  # onnxruntime-genai has a repetition penalty only

@@ -127,6 +127,11 @@ def test_request_id_is_accepted_echoed_and_used_in_the_completion_id(client):
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"presence_penalty": -3}, "presence_penalty"),
     ({"logprobs": True}, None),
+    ({"response_format": {"type": "json_object"}}, None),
+    ({"logit_bias": {"42": 5}}, None),
+    ({"top_logprobs": 3}, None),
+    ({"tool_choice": "auto"}, None),
+    ({"functions": [{"name": "f"}]}, None),
 ])
 def test_invalid_parameters_get_400_in_openai_shape(client, overrides, param):
     response = client.post("/v1/chat/completions", json=chat(**overrides))
@@ -249,6 +254,8 @@ def test_metrics_count_requests_tokens_and_ttft(client):
 def test_user_field_and_unknown_extra_fields_are_accepted(client):
     response = client.post("/v1/chat/completions", json=chat(user="alice", metadata={"x": 1}, top_k=5, seed=3))
     assert response.status_code == 200
+    defaults = chat(response_format={"type": "text"}, tool_choice="none", logit_bias={}, top_logprobs=0)
+    assert client.post("/v1/chat/completions", json=defaults).status_code == 200
 
 
 def test_sampling_fields_reach_the_engine(engine):
@@ -268,3 +275,20 @@ def test_sampling_fields_reach_the_engine(engine):
     (sampling,) = seen
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed) == (0.7, 0.9, 40, 11)
     assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.max_tokens) == (0.5, -0.5, 9)
+
+
+def test_penalties_are_refused_where_the_engine_cannot_apply_them():
+    from dataclasses import replace
+
+    class NoPenalties(FakeEngine):
+        @property
+        def info(self):
+            return replace(super().info, supports_penalties=False)
+
+    with make_client(NoPenalties()) as client:
+        wait_ready(client)
+        refused = client.post("/v1/chat/completions", json=chat(presence_penalty=0.5))
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "presence_penalty"
+        assert refused.json()["error"]["code"] == "unsupported_parameter"
+        assert client.post("/v1/chat/completions", json=chat(frequency_penalty=0.0)).status_code == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import openai
 import pytest
 
 from tests.blackbox.conftest import ServerProcess
@@ -34,6 +35,11 @@ def test_prepared_artifact_is_served(prepared, server_logs, target, env, engine,
             model=model_id, messages=[{"role": "user", "content": "Say hello."}], temperature=0, max_tokens=8,
             stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        if engine == "onnxruntime":  # no presence/frequency penalties there: refused, not ignored
+            with pytest.raises(openai.BadRequestError) as refused:
+                process.client().chat.completions.create(
+                    model=model_id, messages=[{"role": "user", "content": "Hi"}], presence_penalty=0.5)
+            assert refused.value.body["param"] == "presence_penalty"
     finally:
         assert process.stop() == 0
 
