@@ -85,6 +85,7 @@ def default_engine_builder(settings: Settings) -> EngineBuilder:
             "npu_min_response_len": settings.npu_min_response_len,
             "cache_dir": settings.cache_dir,
             "num_workers": settings.onnxruntime_workers,
+            "quantization": None if settings.native_quantization == "none" else settings.native_quantization,
         }
         return build_engine(spec.engine, model_path, spec.device, options)
 

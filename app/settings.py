@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     # --- ONNX Runtime GenAI ------------------------------------------------------------------
     onnxruntime_workers: int = Field(0, ge=0, description="Worker processes (one request each at a time); 0: one per core")
 
+    # --- native engine ----------------------------------------------------------------------
+    native_quantization: Literal["none", "int4"] = Field(
+        "none", description="native: quantize a dense checkpoint's linear layers to INT4 (RTN) as it loads")
+
     # --- logs -----------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
     log_prompts: bool = Field(False, description="Include prompt and completion text in request logs")

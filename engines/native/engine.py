@@ -42,9 +42,7 @@ class NativeOptions:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
     cache_dir: str | None = None  # where a GGUF's converted checkpoint goes
-
-
-_DTYPE_LABELS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # as /v1/models shows them
+    quantization: str | None = None  # "int4": RTN-quantize a dense checkpoint's linear layers at load
 
 
 class HFTokenizer:
@@ -103,13 +101,14 @@ class NativeEngine(Engine):
         checkpoint = self._checkpoint()
         options = self._options
         dtype = options.dtype or ("float32" if options.device == "cpu" else "bfloat16")
-        runner = ModelRunner(RunnerConfig(options.device, dtype, options.block_size, options.kv_cache_tokens), checkpoint)
+        runner = ModelRunner(RunnerConfig(options.device, dtype, options.block_size, options.kv_cache_tokens,
+                                          quantize=options.quantization), checkpoint)
         self._tokenizer = HFTokenizer(checkpoint)
         self._scheduler = Scheduler(SchedulerConfig(options.max_num_seqs, options.max_num_batched_tokens),
                                     BlockManager(runner.num_blocks, options.block_size))
         self._info = EngineInfo(
             engine=self.kind, device=options.device.upper(), model_path=str(self._model_path),
-            context_length=runner.model_config.max_position_embeddings, quantization=_DTYPE_LABELS.get(dtype, dtype),
+            context_length=runner.model_config.max_position_embeddings, quantization=runner.weight_format(),
             max_concurrency=options.max_num_seqs, device_attempts=(DeviceAttempt(options.device.upper()),))
         self._healthy = True
         self._thread = threading.Thread(target=self._loop, args=(runner,), name="native-engine", daemon=True)

@@ -1,8 +1,8 @@
-"""Triton kernels for the native engine on NVIDIA GPUs (imported only when running on CUDA).
+"""Small fused Triton kernels for the native engine on NVIDIA GPUs (imported only on CUDA).
 
-paged_decode_attention: one program per (sequence, KV head). It reads only the sequence's
-own blocks, up to its context length (so a block table padded for CUDA graphs costs
-nothing), keeps a running max and sum for the softmax in fp32 and accumulates V.
+Each replaces several torch kernels: at batch 1 a decode step is hundreds of launches, and
+a launch costs microseconds whatever it does. Attention is in attention_kernels.py, the
+INT4 matmul in int4_kernels.py.
 """
 
 from __future__ import annotations
@@ -10,63 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, scale,
-    stride_q_seq, stride_q_head,  # q: [seqs, heads, head_dim]
-    stride_cache_block, stride_cache_slot, stride_cache_head,  # cache: [blocks, block_size, kv_heads, d]
-    stride_table_seq,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    context_len = tl.load(context_lens_ptr + seq)
-    heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)  # the query heads this KV head serves
-    head_mask = tl.arange(0, GROUP_PAD) < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
-                mask=head_mask[:, None], other=0.0).to(tl.float32)  # [GROUP_PAD, D]
-    running_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
-    running_sum = tl.zeros((GROUP_PAD,), tl.float32)
-    acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-    slots = tl.arange(0, BLOCK_SIZE)
-    num_blocks = (context_len + BLOCK_SIZE - 1) // BLOCK_SIZE
-    for index in range(0, num_blocks):
-        block = tl.load(block_tables_ptr + seq * stride_table_seq + index)
-        base = block * stride_cache_block + kv_head * stride_cache_head
-        offsets = base + slots[:, None] * stride_cache_slot + dims[None, :]
-        valid = index * BLOCK_SIZE + slots < context_len
-        k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)  # [BS, D]
-        v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, BS]
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        correction = tl.exp(running_max - new_max)
-        weights = tl.exp(scores - new_max[:, None])
-        running_sum = running_sum * correction + tl.sum(weights, axis=1)
-        acc = acc * correction[:, None] + tl.sum(weights[:, :, None] * v[None, :, :], axis=1)
-        running_max = new_max
-    out = acc / running_sum[:, None]
-    tl.store(out_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
-
-
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [seqs, heads, head_dim] (contiguous) -> [seqs, heads, head_dim]."""
-    seqs, heads, head_dim = q.shape
-    _, block_size, kv_heads, _ = k_cache.shape
-    group = heads // kv_heads
-    out = torch.empty_like(q)
-    _paged_decode_kernel[(seqs, kv_heads)](
-        q, k_cache, v_cache, out, block_tables, context_lens, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        num_warps=4,
-    )
-    return out
 
 
 @triton.jit
@@ -89,21 +32,62 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_token, stride_head, stride_angle, HALF: tl.constexpr):
+def _rope_and_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+                           stride_token, stride_angle, stride_slot,
+                           NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr):
     token = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1)  # 0..NUM_HEADS-1: a query head; then the KV heads
     index = tl.arange(0, HALF)
-    base = x_ptr + token * stride_token + head * stride_head
+    base = qkv_ptr + token * stride_token + head * 2 * HALF
     x1 = tl.load(base + index).to(tl.float32)
     x2 = tl.load(base + HALF + index).to(tl.float32)
     cos = tl.load(cos_ptr + token * stride_angle + index)
     sin = tl.load(sin_ptr + token * stride_angle + index)
-    tl.store(base + index, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty))
-    tl.store(base + HALF + index, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty))
+    rotated1 = (x1 * cos - x2 * sin).to(qkv_ptr.dtype.element_ty)
+    rotated2 = (x2 * cos + x1 * sin).to(qkv_ptr.dtype.element_ty)
+    if head < NUM_HEADS:
+        tl.store(base + index, rotated1)
+        tl.store(base + HALF + index, rotated2)
+    else:
+        kv_head = head - NUM_HEADS
+        target = tl.load(slot_ptr + token) * stride_slot + kv_head * 2 * HALF
+        tl.store(k_cache_ptr + target + index, rotated1)
+        tl.store(k_cache_ptr + target + HALF + index, rotated2)
+        value = base + NUM_KV_HEADS * 2 * HALF  # this KV head's V, after all the K heads
+        tl.store(v_cache_ptr + target + index, tl.load(value + index))
+        tl.store(v_cache_ptr + target + HALF + index, tl.load(value + HALF + index))
 
 
-def apply_rope_inplace(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE in one kernel, in place. x: [tokens, heads, head_dim]; cos/sin fp32 [tokens, head_dim/2]."""
-    _rope_kernel[(x.shape[0], x.shape[1])](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0),
-                                           HALF=x.shape[2] // 2, num_warps=1)
-    return x
+def rope_and_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int) -> None:
+    """One kernel for four jobs: rotate q in place, rotate k, write k and v into their cache slots.
+
+    qkv: [tokens, (heads + 2 * kv_heads) * head_dim] (contiguous, q then k then v);
+    cos/sin fp32 [tokens, head_dim/2]; caches [blocks, block_size, kv_heads, head_dim].
+    """
+    _, _, kv_heads, head_dim = k_cache.shape
+    _rope_and_cache_kernel[(qkv.shape[0], num_heads + kv_heads)](
+        qkv, cos, sin, slot_mapping, k_cache, v_cache, qkv.stride(0), cos.stride(0), kv_heads * head_dim,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, HALF=head_dim // 2, num_warps=1)
+
+
+@triton.jit
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, size, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = columns < size
+    gate = tl.load(gate_up_ptr + row * stride_in + columns, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_in + size + columns, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + columns, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[tokens, 2 * I] (gate then up) -> silu(gate) * up [tokens, I], in one kernel."""
+    tokens, width = gate_up.shape
+    size = width // 2
+    out = torch.empty((tokens, size), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_and_mul_kernel[(tokens, triton.cdiv(size, block))](gate_up, out, gate_up.stride(0), out.stride(0), size,
+                                                            BLOCK=block, num_warps=4)
+    return out

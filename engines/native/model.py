@@ -1,10 +1,12 @@
 """The Llama family (Llama 2/3, SmolLM2, Mistral-shaped models) over a paged KV cache.
 
-Weights use Hugging Face's names, so a checkpoint's safetensors load directly. Attention
-reads and writes a paged cache: `k_cache`/`v_cache` are [num_blocks, block_size, kv_heads,
-head_dim] per layer; `AttentionMetadata` says where each token's K/V go (slot mapping) and
-which blocks each sequence reads (block tables). The reference attention is plain torch and
-runs anywhere; GPU kernels replace it where they are faster (part 2 of the native engine).
+Weights come in with Hugging Face's names (a checkpoint's safetensors, or random weights of a
+named shape); `build_model` turns them into the model, fusing q/k/v into one projection and
+gate/up into another (one matmul each instead of three and two), and keeping INT4 layers INT4.
+Attention reads and writes a paged cache: `k_cache`/`v_cache` are [num_blocks, block_size,
+kv_heads, head_dim] per layer; `AttentionMetadata` says where each token's K/V go (slot
+mapping) and which blocks each sequence reads (block tables). Every path has a plain-torch
+reference that runs anywhere; on CUDA, Triton kernels replace the small operations.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from engines.native.linear import DenseLinear, Int4Linear, Linear, concatenated
+from engines.native.quantization import Int4Weight
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [seqs] tokens each sequence attends to (including this step's)
     block_tables: torch.Tensor  # [seqs, max_blocks] block ids, padded with 0
     query_start: list[int]  # prefill: start of each sequence's tokens in the flat batch (+ end)
+    query_start_tensor: torch.Tensor | None = None  # the same on the device (GPU prefill kernel)
 
 
 class RMSNorm(nn.Module):
@@ -164,107 +169,190 @@ def batched_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, qkv_proj: Linear, o_proj: Linear):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.dim_per_head
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv_proj = qkv_proj  # [q; k; v] rows: one matmul
+        self.o_proj = o_proj
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """x: normed hidden states [tokens, hidden] -> residual + attention output."""
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        if x.is_cuda:
-            from engines.native.kernels import apply_rope_inplace  # Triton: GPUs only
-
-            q, k = apply_rope_inplace(q, cos, sin), apply_rope_inplace(k, cos, sin)
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        flat_k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_k[meta.slot_mapping] = k  # write this step's K/V into their slots
-        flat_v[meta.slot_mapping] = v
+        qkv = self.qkv_proj(x)  # [tokens, (heads + 2 * kv_heads) * head_dim]
+        q_size = self.num_heads * self.head_dim
         scale = self.head_dim ** -0.5
-        if meta.is_prefill:
-            out = reference_attention(q, self.k_cache, self.v_cache, meta, scale)
-        elif q.is_cuda:
-            from engines.native.kernels import paged_decode_attention  # Triton: GPUs only
-
-            out = paged_decode_attention(q.contiguous(), self.k_cache, self.v_cache, meta.block_tables,
-                                         meta.context_lens, scale)
+        if x.is_cuda:
+            out = self._attend_with_kernels(qkv, cos, sin, meta, scale)
         else:
-            out = batched_decode_attention(q, self.k_cache, self.v_cache, meta, scale)
-        return self.o_proj(out.reshape(tokens, -1))
+            kv_size = self.num_kv_heads * self.head_dim
+            q = apply_rope(qkv[:, :q_size].view(tokens, self.num_heads, self.head_dim), cos, sin)
+            k = apply_rope(qkv[:, q_size:q_size + kv_size].view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+            v = qkv[:, q_size + kv_size:].view(tokens, self.num_kv_heads, self.head_dim)
+            self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k  # into their slots
+            self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
+            if meta.is_prefill:
+                out = reference_attention(q, self.k_cache, self.v_cache, meta, scale)
+            else:
+                out = batched_decode_attention(q, self.k_cache, self.v_cache, meta, scale)
+        return self.o_proj(out.reshape(tokens, q_size), residual=residual)
+
+    def _attend_with_kernels(self, qkv, cos, sin, meta, scale) -> torch.Tensor:
+        from engines.native.attention_kernels import paged_decode_attention, paged_prefill_attention
+        from engines.native.kernels import rope_and_cache_write
+
+        rope_and_cache_write(qkv, cos, sin, meta.slot_mapping, self.k_cache, self.v_cache, self.num_heads)
+        q = qkv[:, :self.num_heads * self.head_dim].view(qkv.shape[0], self.num_heads, self.head_dim)
+        if meta.is_prefill:
+            longest = max(b - a for a, b in zip(meta.query_start, meta.query_start[1:]))
+            return paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
+                                           meta.query_start_tensor, longest, scale)
+        return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, scale)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, gate_up_proj: Linear, down_proj: Linear):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = gate_up_proj  # [gate; up] rows: one matmul, silu(gate) * up fused after it
+        self.down_proj = down_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.gate_up_proj.gated(x), residual=residual)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, self_attn: Attention, mlp: MLP):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = mlp
 
     def forward(self, x, cos, sin, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class LlamaModel(nn.Module):
-    def __init__(self, config: LlamaConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        x = self.self_attn(self.input_layernorm(x), x, cos, sin, meta)  # residual adds fused into o_proj
+        return self.mlp(self.post_attention_layernorm(x), x)  # ... and down_proj
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layers: list[DecoderLayer], embed_tokens: nn.Embedding,
+                 norm: RMSNorm, lm_head: Linear):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.embed_tokens = embed_tokens
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = lm_head
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config).to(embed_tokens.weight.device),
+                             persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 last_token_index: torch.Tensor) -> torch.Tensor:
-        """input_ids/positions: [tokens]; returns logits [seqs, vocab] at `last_token_index`."""
+        """input_ids/positions: [tokens]; returns float32 logits [len(last_token_index), vocab]."""
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # [tokens, head_dim/2]
         cos, sin = angles.cos(), angles.sin()
-        x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
             x = layer(x, cos, sin, meta)
-        x = self.model.norm(x[last_token_index])
+        x = self.norm(x[last_token_index])
         return self.lm_head(x).float()
 
-    def load_checkpoint(self, directory: str | Path) -> None:
-        from safetensors.torch import load_file
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights a decode step reads for one token (the embedding table: one row)."""
+        linears = [module for module in self.modules() if isinstance(module, (DenseLinear, Int4Linear))]
+        norms = [module.weight for module in self.modules() if isinstance(module, RMSNorm)]
+        row = self.embed_tokens.weight[0]
+        return (sum(layer.weight_bytes() for layer in linears) + sum(n.numel() * n.element_size() for n in norms)
+                + row.numel() * row.element_size())
 
-        state = {}
-        for file in sorted(Path(directory).glob("*.safetensors")):
-            state.update(load_file(str(file)))
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [name for name in missing if not (self.config.tie_word_embeddings and name == "lm_head.weight")]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+# --- building the model from a state dict with Hugging Face's names ---------------------------
+
+def read_checkpoint(directory: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    if not state:
+        raise ValueError(f"no *.safetensors weights in {directory}")
+    return state
+
+
+def random_state(config: LlamaConfig, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of a named shape (normal, std 0.02) with Hugging Face's names, for benchmarks."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    hidden, inner, d = config.hidden_size, config.intermediate_size, config.dim_per_head
+
+    def normal(*shape):
+        return (torch.randn(*shape, generator=generator, device=device, dtype=torch.float32) * 0.02).to(dtype)
+
+    state = {"model.embed_tokens.weight": normal(config.vocab_size, hidden),
+             "model.norm.weight": torch.ones(hidden, device=device, dtype=dtype)}
+    if not config.tie_word_embeddings:
+        state["lm_head.weight"] = normal(config.vocab_size, hidden)
+    shapes = {"self_attn.q_proj": (config.num_attention_heads * d, hidden),
+              "self_attn.k_proj": (config.num_key_value_heads * d, hidden),
+              "self_attn.v_proj": (config.num_key_value_heads * d, hidden),
+              "self_attn.o_proj": (hidden, config.num_attention_heads * d),
+              "mlp.gate_proj": (inner, hidden), "mlp.up_proj": (inner, hidden), "mlp.down_proj": (hidden, inner)}
+    for index in range(config.num_hidden_layers):
+        prefix = f"model.layers.{index}."
+        for name, shape in shapes.items():
+            state[f"{prefix}{name}.weight"] = normal(*shape)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[f"{prefix}{norm}.weight"] = torch.ones(hidden, device=device, dtype=dtype)
+    return state
+
+
+def build_model(config: LlamaConfig, state: dict[str, torch.Tensor], device: str | torch.device,
+                dtype: torch.dtype, quantize: str | None = None) -> LlamaForCausalLM:
+    """The model from a state dict with Hugging Face's names (INT4 layers stored as `.qweight`,
+    `.scales`, `.zeros`). `quantize="int4"` quantizes dense layers (RTN) as they load; the LM head
+    stays in `dtype`. Takes tensors out of `state` as it goes, so weights are not held twice.
+    """
+    if quantize not in (None, "int4"):
+        raise ValueError(f"unknown quantization '{quantize}' (expected 'int4')")
+    used: set[str] = set()
+
+    def tensor(name: str, floating: bool = True) -> torch.Tensor:
+        if name not in state:
+            raise ValueError(f"checkpoint does not match the model: missing {name}")
+        used.add(name)
+        value = state[name].to(device)
+        return value.to(dtype) if floating and value.is_floating_point() else value
+
+    def linear(prefix: str) -> Linear:
+        if f"{prefix}.qweight" in state:
+            return Int4Linear(Int4Weight(tensor(f"{prefix}.qweight"), tensor(f"{prefix}.scales", floating=False),
+                                         tensor(f"{prefix}.zeros")))
+        layer = DenseLinear(tensor(f"{prefix}.weight"))
+        return layer.quantized() if quantize == "int4" else layer
+
+    layers = []
+    for index in range(config.num_hidden_layers):
+        prefix = f"model.layers.{index}."
+        qkv = concatenated([linear(f"{prefix}self_attn.{name}_proj") for name in "qkv"])
+        attention = Attention(config, qkv, linear(f"{prefix}self_attn.o_proj"))
+        mlp = MLP(concatenated([linear(f"{prefix}mlp.gate_proj"), linear(f"{prefix}mlp.up_proj")]),
+                  linear(f"{prefix}mlp.down_proj"))
+        layer = DecoderLayer(config, attention, mlp).to(device)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            getattr(layer, norm).weight.data = tensor(f"{prefix}{norm}.weight")
+        layers.append(layer)
+        for name in [key for key in state if key.startswith(prefix)]:
+            del state[name]  # this layer's source tensors are no longer needed
+    embed = nn.Embedding.from_pretrained(tensor("model.embed_tokens.weight"), freeze=True)
+    norm = RMSNorm(config.hidden_size, config.rms_norm_eps).to(device)
+    norm.weight.data = tensor("model.norm.weight")
+    if config.tie_word_embeddings:
+        lm_head = DenseLinear(embed.weight.data)
+    else:
+        lm_head = DenseLinear(tensor("lm_head.weight"))
+    unexpected = [name for name in state if name not in used and not name.startswith("model.layers.")
+                  and "rotary_emb" not in name]
+    if unexpected:
+        raise ValueError(f"checkpoint does not match the model: unexpected {unexpected[:5]}")
+    return LlamaForCausalLM(config, layers, embed, norm, lm_head).eval()

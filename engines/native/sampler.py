@@ -20,9 +20,11 @@ class Sampler:
     def forget(self, seq_id: str) -> None:
         self._generators.pop(seq_id, None)
 
-    def sample(self, logits: torch.Tensor, seq_ids: list[str], params: list[SamplingParams]) -> list[int]:
-        """logits: [seqs, vocab] float32 -> one token id per sequence."""
-        greedy = logits.argmax(dim=-1).tolist()
+    def sample(self, logits: torch.Tensor, seq_ids: list[str], params: list[SamplingParams],
+               greedy: torch.Tensor | None = None) -> list[int]:
+        """logits: [seqs, vocab] float32 -> one token id per sequence. `greedy`: the argmax of
+        each row when the caller already has it (a captured decode step computes it)."""
+        greedy = (logits.argmax(dim=-1) if greedy is None else greedy).tolist()
         tokens = []
         for row, (seq_id, sampling) in enumerate(zip(seq_ids, params)):
             if sampling.is_greedy:

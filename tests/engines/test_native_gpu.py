@@ -1,4 +1,6 @@
-"""The native engine's GPU paths (marked gpu: skipped, visibly, where there is no CUDA device)."""
+"""The native engine's GPU kernels and paths against the plain-torch reference, on fresh random
+inputs (marked gpu: skipped, visibly, where there is no CUDA device). Each kernel's output comes
+from memory that was filled with NaN just before, so an element it fails to write fails the test."""
 
 from __future__ import annotations
 
@@ -10,20 +12,22 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
 
 
-@pytest.mark.parametrize("seed, lengths, heads, kv_heads", [
-    (0, [1], 32, 8), (1, [17, 5, 300], 32, 8), (2, [64] * 8, 9, 3), (3, [1000, 1, 33, 129], 32, 32),
-    (4, [4096, 7], 32, 8),
-])
-def test_paged_decode_kernel_matches_the_torch_reference(seed, lengths, heads, kv_heads):
-    from engines.native.kernels import paged_decode_attention
-    from engines.native.model import AttentionMetadata, batched_decode_attention
+def poison_allocator() -> None:
+    """Fill the caching allocator's free memory with NaN so the next allocations start as NaN."""
+    torch.empty(64 << 20, dtype=torch.float32, device="cuda").fill_(float("nan"))
 
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    block_size, head_dim = 16, 128 if heads != 9 else 64
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    assert torch.isfinite(got).all(), "an output element was not written"
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def paged_cache(generator, lengths, kv_heads, head_dim, block_size=16, spare=7):
     needed = sum((n + block_size - 1) // block_size for n in lengths)
-    num_blocks = needed + 7
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", generator=generator).bfloat16()
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", generator=generator).bfloat16()
+    num_blocks = needed + spare
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(*shape, device="cuda", generator=generator).bfloat16()
+    v_cache = torch.randn(*shape, device="cuda", generator=generator).bfloat16()
     order = torch.randperm(num_blocks, device="cuda", generator=generator).tolist()
     tables, start = [], 0
     for n in lengths:
@@ -32,24 +36,139 @@ def test_paged_decode_kernel_matches_the_torch_reference(seed, lengths, heads, k
         start += count
     width = max(len(t) for t in tables) + 3  # padded like a captured step
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], device="cuda")
+    return k_cache, v_cache, block_tables
+
+
+@pytest.mark.parametrize("seed, lengths, heads, kv_heads", [
+    (0, [1], 32, 8), (1, [17, 5, 300], 32, 8), (2, [64] * 8, 9, 3), (3, [1000, 1, 33, 129], 32, 32),
+    (4, [4096, 7], 32, 8),
+])
+def test_paged_decode_kernel_matches_the_torch_reference(seed, lengths, heads, kv_heads):
+    from engines.native.attention_kernels import paged_decode_attention
+    from engines.native.model import AttentionMetadata, batched_decode_attention
+
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    head_dim = 128 if heads != 9 else 64
+    k_cache, v_cache, block_tables = paged_cache(generator, lengths, kv_heads, head_dim)
     context = torch.tensor(lengths, device="cuda")
     q = torch.randn(len(lengths), heads, head_dim, device="cuda", generator=generator).bfloat16()
     meta = AttentionMetadata(False, torch.zeros(0, dtype=torch.long, device="cuda"), context, block_tables, [])
     expected = batched_decode_attention(q.float(), k_cache.float(), v_cache.float(), meta, head_dim ** -0.5)
+    poison_allocator()
     got = paged_decode_attention(q, k_cache, v_cache, block_tables, context, head_dim ** -0.5)
-    assert torch.isfinite(got).all()  # every element written (the output starts uninitialised)
-    relative = ((got.float() - expected).norm() / expected.norm()).item()
-    print(f"lengths {lengths}: relative error {relative:.2e}")
-    assert relative < 1e-2  # bf16 inputs
+    assert relative_error(got, expected) < 1e-2  # bf16 inputs
 
 
-def test_a_captured_decode_step_gives_the_eager_logits():
+@pytest.mark.parametrize("seed, queries, contexts, heads, kv_heads, head_dim", [
+    (0, [7], [7], 32, 8, 128),
+    (1, [128, 1, 300, 64], [128, 1, 300, 64], 32, 8, 128),
+    (2, [50, 20], [90, 20], 9, 3, 64),  # the first sequence already has 40 tokens cached
+    (3, [2048], [2048], 32, 8, 128),
+])
+def test_paged_prefill_kernel_matches_the_torch_reference(seed, queries, contexts, heads, kv_heads, head_dim):
+    from engines.native.attention_kernels import paged_prefill_attention
+    from engines.native.model import AttentionMetadata, reference_attention
+
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    k_cache, v_cache, block_tables = paged_cache(generator, contexts, kv_heads, head_dim)
+    starts = [0]
+    for n in queries:
+        starts.append(starts[-1] + n)
+    q = torch.randn(starts[-1], heads, head_dim, device="cuda", generator=generator).bfloat16()
+    context = torch.tensor(contexts, device="cuda")
+    meta = AttentionMetadata(True, torch.zeros(0, dtype=torch.long, device="cuda"), context, block_tables, starts)
+    expected = reference_attention(q.float(), k_cache.float(), v_cache.float(), meta, head_dim ** -0.5)
+    poison_allocator()
+    got = paged_prefill_attention(q, k_cache, v_cache, block_tables, context, torch.tensor(starts, device="cuda"),
+                                  max(queries), head_dim ** -0.5)
+    assert relative_error(got, expected) < 1e-2
+
+
+def test_rope_and_cache_write_matches_torch():
+    from engines.native.kernels import rope_and_cache_write
+    from engines.native.model import apply_rope
+
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    tokens, heads, kv_heads, head_dim = 29, 32, 8, 128
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device="cuda", generator=generator).bfloat16()
+    angles = torch.rand(tokens, head_dim // 2, device="cuda", generator=generator) * 100
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.randperm(64 * 16, device="cuda", generator=generator)[:tokens]
+    k_cache = torch.full((64, 16, kv_heads, head_dim), float("nan"), device="cuda").bfloat16()
+    v_cache = k_cache.clone()
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    expected_q = apply_rope(qkv[:, :q_size].view(tokens, heads, head_dim), cos, sin)
+    expected_k = apply_rope(qkv[:, q_size:q_size + kv_size].view(tokens, kv_heads, head_dim), cos, sin)
+    expected_v = qkv[:, q_size + kv_size:].view(tokens, kv_heads, head_dim).clone()
+    rope_and_cache_write(qkv, cos, sin, slots, k_cache, v_cache, heads)
+    assert relative_error(qkv[:, :q_size].view(tokens, heads, head_dim), expected_q) < 1e-2
+    assert relative_error(k_cache.view(-1, kv_heads, head_dim)[slots], expected_k) < 1e-2
+    assert torch.equal(v_cache.view(-1, kv_heads, head_dim)[slots], expected_v)
+
+
+def test_fused_rms_norm_and_silu_match_torch():
+    from engines.native import kernels
+
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    for hidden in (576, 4096):
+        x = torch.randn(37, hidden, device="cuda", generator=generator).bfloat16()
+        weight = torch.randn(hidden, device="cuda", generator=generator).bfloat16()
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        expected = x.float() * torch.rsqrt(variance + 1e-5) * weight.float()
+        poison_allocator()
+        assert relative_error(kernels.rms_norm(x, weight, 1e-5), expected) < 1e-2
+    gate_up = torch.randn(5, 2 * 14336, device="cuda", generator=generator).bfloat16()
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    poison_allocator()
+    assert relative_error(kernels.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up) < 1e-2
+
+
+INT4_SHAPES = [(4096, 4096), (6144, 4096), (4096, 14336), (576, 576), (1536, 576), (576, 1536)]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 33, 64, 200])
+@pytest.mark.parametrize("n, k", INT4_SHAPES)
+def test_int4_matmul_matches_dequantize_then_matmul(rows, n, k):
+    from engines.native.int4_kernels import int4_matmul
+    from engines.native.quantization import quantize_rtn
+
+    generator = torch.Generator(device="cuda").manual_seed(rows * 7 + n + k)
+    weight = quantize_rtn(torch.randn(n, k, device="cuda", generator=generator) * 0.02)
+    dense = weight.dequantize(torch.float32)  # [N, K]
+    x = torch.randn(rows, k, device="cuda", generator=generator).bfloat16()
+    residual = torch.randn(rows, n, device="cuda", generator=generator).bfloat16()
+    expected = x.float() @ dense.T
+    poison_allocator()
+    assert relative_error(int4_matmul(x, weight), expected) < 1e-2
+    poison_allocator()
+    assert relative_error(int4_matmul(x, weight, residual=residual), expected + residual.float()) < 1e-2
+    gate, up = expected.chunk(2, dim=-1)
+    poison_allocator()
+    assert relative_error(int4_matmul(x, weight, gated=True), torch.nn.functional.silu(gate) * up) < 1e-2
+
+
+def test_int4_kernel_unpacks_every_value_exactly():
+    """Scale 1 and zero point 0 with x = identity: the output is the stored integers, exactly."""
+    from engines.native.int4_kernels import int4_matmul
+    from engines.native.quantization import Int4Weight, pack_int4
+
+    n, k = 96, 256
+    values = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8)
+    weight = Int4Weight(pack_int4(values), torch.ones(n, k // 128, dtype=torch.float16, device="cuda"),
+                        torch.zeros(n, k // 128, dtype=torch.uint8, device="cuda"))
+    out = int4_matmul(torch.eye(k, device="cuda", dtype=torch.bfloat16), weight)  # [K, N] = W.T
+    assert torch.equal(out.float(), values.T.float())
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_a_captured_decode_step_gives_the_eager_logits(quantize):
     from engines.base import SamplingParams
     from engines.native.block_manager import BlockManager
     from engines.native.model_runner import ModelRunner, RunnerConfig
     from engines.native.sequence import Sequence
 
-    runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, 8192, max_context_tokens=1024), shape="smollm2-135m")
+    runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, 8192, max_context_tokens=1024, quantize=quantize),
+                         shape="smollm2-135m")
     manager = BlockManager(runner.num_blocks, 16)
     generator = torch.Generator().manual_seed(5)
     seqs = [Sequence(f"s{i}", torch.randint(0, 49152, (n,), generator=generator).tolist(),
@@ -62,26 +181,6 @@ def test_a_captured_decode_step_gives_the_eager_logits():
         seq.token_ids.append(7)
         manager.may_append(seq)
     eager = runner.logits(seqs, False)
-    graphed = runner._decode_with_graph(seqs)
-    relative = ((graphed - eager).norm() / eager.norm()).item()
-    assert relative < 1e-2 and torch.equal(graphed.argmax(-1), eager.argmax(-1))
-
-
-def test_fused_rms_norm_and_rope_match_torch():
-    from engines.native import kernels
-    from engines.native.model import apply_rope
-
-    generator = torch.Generator(device="cuda").manual_seed(11)
-    for hidden in (576, 4096):
-        x = torch.randn(37, hidden, device="cuda", generator=generator).bfloat16()
-        weight = torch.randn(hidden, device="cuda", generator=generator).bfloat16()
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        expected = x.float() * torch.rsqrt(variance + 1e-5) * weight.float()
-        got = kernels.rms_norm(x, weight, 1e-5).float()
-        assert ((got - expected).norm() / expected.norm()).item() < 1e-2
-    q = torch.randn(29, 32, 128, device="cuda", generator=generator).bfloat16()
-    angles = torch.rand(29, 64, device="cuda", generator=generator) * 100
-    cos, sin = angles.cos(), angles.sin()
-    expected = apply_rope(q.clone(), cos, sin).float()
-    got = kernels.apply_rope_inplace(q.clone(), cos, sin).float()
-    assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+    graphed, greedy = runner._decode_with_graph(seqs)
+    assert relative_error(graphed, eager) < 1e-2
+    assert torch.equal(greedy, eager.argmax(-1))

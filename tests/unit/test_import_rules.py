@@ -47,8 +47,9 @@ def test_scheduler_imports_nothing_from_fastapi():
 
 
 # Modules private to one engine, imported only once that engine is chosen and started.
-ENGINE_PRIVATE = {ROOT / "engines" / "native" / name
-                  for name in ("model.py", "model_runner.py", "sampler.py", "kernels.py")}
+NATIVE_PRIVATE = ("model", "model_runner", "sampler", "kernels", "attention_kernels", "int4_kernels", "linear",
+                  "quantization")
+ENGINE_PRIVATE = {ROOT / "engines" / "native" / f"{name}.py" for name in NATIVE_PRIVATE}
 
 
 def test_heavy_runtimes_are_imported_inside_engine_modules_only():
@@ -58,8 +59,7 @@ def test_heavy_runtimes_are_imported_inside_engine_modules_only():
 
 
 def test_engine_private_modules_are_imported_lazily():
-    private = {"engines.native.model", "engines.native.model_runner", "engines.native.sampler",
-               "engines.native.kernels"}
+    private = {f"engines.native.{name}" for name in NATIVE_PRIVATE}
     for path in list((ROOT / "app").rglob("*.py")) + list((ROOT / "engines").rglob("*.py")):
         if path not in ENGINE_PRIVATE:
             assert not top_level_imports(path) & private, path

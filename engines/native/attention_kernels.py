@@ -1,0 +1,145 @@
+"""Attention over the paged KV cache in Triton (imported only when running on CUDA). Softmax in fp32.
+
+Cache layout: [blocks, block_size, kv_heads, head_dim]; a sequence's block table lists its
+blocks in order, so token position p lives in block table[p // block_size], slot p % block_size.
+
+- paged_decode_attention: one query per sequence; one program per (sequence, KV head), which
+  serves all the query heads of that KV head (GQA) and reads only the sequence's own blocks up
+  to its context length (so a block table padded for CUDA graphs costs nothing).
+- paged_prefill_attention: variable-length prompts in one launch, flash-attention style: one
+  program per (sequence, BLOCK_M queries, head); keys stream from the cache in BLOCK_N tiles
+  up to the causal limit, with a running max and sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, scale,
+    stride_q_seq, stride_q_head, stride_o_seq, stride_o_head,  # q, out: [seqs, heads, head_dim]
+    stride_cache_block, stride_cache_slot, stride_cache_head,  # cache: [blocks, block_size, kv_heads, d]
+    stride_table_seq,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    context_len = tl.load(context_lens_ptr + seq)
+    heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)  # the query heads this KV head serves
+    head_mask = tl.arange(0, GROUP_PAD) < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
+                mask=head_mask[:, None], other=0.0).to(tl.float32)  # [GROUP_PAD, D]
+    running_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((GROUP_PAD,), tl.float32)
+    acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
+    slots = tl.arange(0, BLOCK_SIZE)
+    num_blocks = (context_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+    for index in range(0, num_blocks):
+        block = tl.load(block_tables_ptr + seq * stride_table_seq + index)
+        base = block * stride_cache_block + kv_head * stride_cache_head
+        offsets = base + slots[:, None] * stride_cache_slot + dims[None, :]
+        valid = index * BLOCK_SIZE + slots < context_len
+        k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)  # [BS, D]
+        v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, BS]
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        correction = tl.exp(running_max - new_max)
+        weights = tl.exp(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(weights, axis=1)
+        acc = acc * correction[:, None] + tl.sum(weights[:, :, None] * v[None, :, :], axis=1)
+        running_max = new_max
+    out = acc / running_sum[:, None]
+    tl.store(out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [seqs, heads, head_dim] (head_dim contiguous) -> [seqs, heads, head_dim]."""
+    seqs, heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
+    out = torch.empty((seqs, heads, head_dim), dtype=q.dtype, device=q.device)
+    _paged_decode_kernel[(seqs, kv_heads)](
+        q, k_cache, v_cache, out, block_tables, context_lens, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, query_start_ptr, context_lens_ptr, block_tables_ptr, scale,
+    stride_q_token, stride_q_head, stride_o_token, stride_o_head,
+    stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    query_block = tl.program_id(1)
+    head = tl.program_id(2)
+    query_start = tl.load(query_start_ptr + seq)
+    num_queries = tl.load(query_start_ptr + seq + 1) - query_start
+    if query_block * BLOCK_M >= num_queries:
+        return
+    context_len = tl.load(context_lens_ptr + seq)
+    first_position = context_len - num_queries  # position of the sequence's first query
+    rows = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < num_queries
+    positions = first_position + rows
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (query_start + rows)[:, None] * stride_q_token + head * stride_q_head + dims[None, :],
+                mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D]
+    kv_head = head // GROUP
+    running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    last_key = tl.minimum(context_len, first_position + (query_block + 1) * BLOCK_M)  # causal limit
+    for start in range(0, last_key, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_mask = keys < last_key
+        blocks = tl.load(block_tables_ptr + seq * stride_table_seq + keys // BLOCK_SIZE, mask=key_mask, other=0)
+        offsets = (blocks * stride_cache_block + (keys % BLOCK_SIZE) * stride_cache_slot
+                   + kv_head * stride_cache_head)
+        k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)  # [BLOCK_N, D]
+        v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N] fp32
+        visible = (keys[None, :] <= positions[:, None]) & key_mask[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        correction = tl.exp(running_max - new_max)
+        weights = tl.exp(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(weights, axis=1)
+        acc = acc * correction[:, None] + tl.dot(weights.to(v.dtype), v)
+        running_max = new_max
+    out = acc / running_sum[:, None]
+    tl.store(out_ptr + (query_start + rows)[:, None] * stride_o_token + head * stride_o_head + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, context_lens: torch.Tensor, query_start: torch.Tensor,
+                            max_queries: int, scale: float) -> torch.Tensor:
+    """q: [tokens, heads, head_dim], sequences back to back (query_start: [seqs + 1] offsets);
+    each sequence's queries are its last positions (context_lens [seqs]). -> [tokens, heads, head_dim]."""
+    tokens, heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+    block_m, block_n = 64, 64
+    grid = (context_lens.shape[0], triton.cdiv(max_queries, block_m), heads)
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, out, query_start, context_lens, block_tables, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4, num_stages=2,
+    )
+    return out

@@ -1,0 +1,105 @@
+"""The native engine's linear layers: bf16/fp32 dense weights, or lowbit's INT4 format.
+
+Both take the same calls, so the model does not care which it holds:
+- `layer(x)` -> x @ W.T, and `layer(x, residual=r)` -> r + x @ W.T (the residual add fused
+  into the matmul: cuBLAS' addmm for dense weights, the INT4 kernel's epilogue otherwise);
+- `layer.gated(x)` for a fused gate/up projection (W = [gate; up]) -> silu(x @ G.T) * (x @ U.T).
+On the CPU every path is plain torch (INT4 dequantizes, then multiplies): the reference that
+the Triton kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engines.native.quantization import Int4Weight, quantize_rtn
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[tokens, 2 * I] (gate then up) -> [tokens, I]."""
+    if gate_up.is_cuda:
+        from engines.native.kernels import silu_and_mul as fused  # Triton: GPUs only
+
+        return fused(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class DenseLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [N, K]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is None:
+            return F.linear(x, self.weight)
+        return torch.addmm(residual, x, self.weight.T)
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(F.linear(x, self.weight))
+
+    def quantized(self, group_size: int | None = None) -> Int4Linear:
+        return Int4Linear(quantize_rtn(self.weight.data, group_size))
+
+    def weight_bytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, weight: Int4Weight):
+        super().__init__()
+        self.register_buffer("qweight", weight.qweight)
+        self.register_buffer("scales", weight.scales)
+        self.register_buffer("zeros", weight.zeros)
+        self._dequantized: torch.Tensor | None = None  # CPU reference path only
+
+    @property
+    def int4(self) -> Int4Weight:
+        return Int4Weight(self.qweight, self.scales, self.zeros)
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    def _reference_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._dequantized is None or self._dequantized.dtype != dtype:
+            self._dequantized = self.int4.dequantize(dtype)
+        return self._dequantized
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if x.is_cuda:
+            from engines.native.int4_kernels import int4_matmul  # Triton: GPUs only
+
+            return int4_matmul(x, self.int4, residual=residual)
+        out = F.linear(x, self._reference_weight(x.dtype))
+        return out if residual is None else out + residual
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from engines.native.int4_kernels import int4_matmul
+
+            return int4_matmul(x, self.int4, gated=True)
+        return silu_and_mul(F.linear(x, self._reference_weight(x.dtype)))
+
+    def weight_bytes(self) -> int:
+        return self.int4.nbytes()
+
+
+Linear = DenseLinear | Int4Linear
+
+
+def concatenated(layers: list[Linear]) -> Linear:
+    """One layer computing several that share an input (q/k/v, gate/up): outputs side by side."""
+    if all(isinstance(layer, DenseLinear) for layer in layers):
+        return DenseLinear(torch.cat([layer.weight.data for layer in layers]))
+    if all(isinstance(layer, Int4Linear) for layer in layers):
+        parts = [layer.int4 for layer in layers]
+        return Int4Linear(Int4Weight(*(torch.cat([getattr(p, name) for p in parts])
+                                       for name in ("qweight", "scales", "zeros"))))
+    raise ValueError("cannot concatenate dense and INT4 layers")

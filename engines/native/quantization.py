@@ -1,0 +1,118 @@
+"""lowbit's INT4 weight-only format and the two ways into it: RTN and activation-aware (AWQ) scales.
+
+Format, per linear layer with weight W [N out, K in] (nn.Linear's layout):
+- `qweight` int32 [N, K // 8]: eight 4-bit values per word along K; value j of a word sits in
+  bits 4j..4j+3 (so word w of row n holds W[n, 8w : 8w + 8]).
+- `scales` float16 [N, K // G] and `zeros` uint8 [N, K // G]: one scale and one integer zero
+  point (0..15) per group of G consecutive inputs; W[n, k] ~ (q - zero) * scale.
+G is 128 unless K is not a multiple of 128 (SmolLM2's 576), in which case the largest power of
+two up to 128 that divides K. The group size is not stored: it is K // scales.shape[1].
+
+Like gpt-fast, quantizing is one phase (here or in `lowbit prepare`) and running is another
+(`Int4Linear` loads the packed tensors). Plain torch; no GPU needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_GROUP_SIZE = 128
+PACK = 8  # 4-bit values per int32 word
+
+
+def group_size_for(in_features: int, preferred: int = DEFAULT_GROUP_SIZE) -> int:
+    size = preferred
+    while size >= 16:
+        if in_features % size == 0:
+            return size
+        size //= 2
+    raise ValueError(f"no INT4 group size in 16..{preferred} divides {in_features} inputs")
+
+
+@dataclass
+class Int4Weight:
+    qweight: torch.Tensor  # int32 [N, K // 8]
+    scales: torch.Tensor  # float16 [N, K // G]
+    zeros: torch.Tensor  # uint8 [N, K // G]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qweight.shape[0], self.qweight.shape[1] * PACK
+
+    @property
+    def group_size(self) -> int:
+        return self.shape[1] // self.scales.shape[1]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[N, K] weights in `dtype`, computed in float32."""
+        q = unpack_int4(self.qweight).float()  # [N, K]
+        n, k = q.shape
+        grouped = q.view(n, k // self.group_size, self.group_size)
+        weights = (grouped - self.zeros.float()[..., None]) * self.scales.float()[..., None]
+        return weights.view(n, k).to(dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """uint8/int values in 0..15, [N, K] -> int32 [N, K // 8] (value j of a word at bits 4j..4j+3)."""
+    n, k = values.shape
+    if k % PACK:
+        raise ValueError(f"K={k} is not a multiple of {PACK}")
+    nibbles = values.to(torch.int64).view(n, k // PACK, PACK)
+    shifts = torch.arange(PACK, dtype=torch.int64, device=values.device) * 4
+    words = (nibbles << shifts).sum(-1)  # [N, K // 8], 0 .. 2^32 - 1
+    words = torch.where(words >= 2**31, words - 2**32, words)  # as two's-complement int32
+    return words.to(torch.int32)
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 [N, K // 8] -> uint8 [N, K]; the exact inverse of `pack_int4`."""
+    shifts = torch.arange(PACK, dtype=torch.int32, device=qweight.device) * 4
+    nibbles = (qweight[..., None] >> shifts) & 0xF  # arithmetic shift: the mask drops the sign
+    return nibbles.reshape(qweight.shape[0], -1).to(torch.uint8)
+
+
+def quantize_rtn(weight: torch.Tensor, group_size: int | None = None) -> Int4Weight:
+    """Round to nearest, asymmetric, per group: the range [min, max] of each group maps to 0..15."""
+    n, k = weight.shape
+    group = group_size or group_size_for(k)
+    grouped = weight.float().view(n, k // group, group)
+    low = grouped.amin(-1).clamp(max=0.0)  # keep 0 representable exactly
+    high = grouped.amax(-1).clamp(min=0.0)
+    scales = ((high - low) / 15).clamp(min=1e-8).to(torch.float16)  # rounded first: q uses the stored scale
+    zeros = (-low / scales.float()).round().clamp(0, 15)
+    q = (grouped / scales.float()[..., None] + zeros[..., None]).round().clamp(0, 15)
+    return Int4Weight(pack_int4(q.view(n, k).to(torch.uint8)), scales, zeros.to(torch.uint8))
+
+
+# --- activation-aware scaling (AWQ) ------------------------------------------------------------
+
+AWQ_GRID = 20  # exponents tried: 0, 1/20, ..., 19/20
+
+
+def awq_input_scales(weights: list[torch.Tensor], inputs: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """Per-input-channel scales s [K] that make INT4 RTN of W * s lose the least on real inputs.
+
+    `weights` share one input (q/k/v, or gate/up); `inputs` [tokens, K] are that input on
+    calibration text. Channels with large activations matter most, so they are scaled up
+    before rounding (and the inverse scale is folded into whatever produces the input):
+    s = mean|x|^alpha, alpha chosen on a grid by the error of the layers' outputs.
+    """
+    inputs = inputs.float()
+    magnitude = inputs.abs().mean(0).clamp(min=1e-5)  # [K]
+    stacked = torch.cat([w.float() for w in weights], dim=0)  # [sum N, K]
+    reference = inputs @ stacked.T
+    best_error, best_scales = float("inf"), torch.ones_like(magnitude)
+    for step in range(AWQ_GRID):
+        alpha = step / AWQ_GRID
+        scales = magnitude.pow(alpha)
+        scales = scales / (scales.max() * scales.min()).sqrt()  # centred around 1
+        quantized = quantize_rtn(stacked * scales, group_size).dequantize() / scales
+        error = (inputs @ quantized.T - reference).pow(2).mean().item()
+        if error < best_error:
+            best_error, best_scales = error, scales
+    return best_scales
