@@ -1,15 +1,21 @@
 """The native engine on a GPU: correctness against transformers and speed against the roofline.
 
-Llama-3-8B shape with random bf16 weights (the same weights in both), prompt 128 tokens.
-Prints one table. This is the baseline of the eager, reference-attention engine (part 1);
-Triton kernels and CUDA graphs are measured against it. Runs in one command:
+Llama-3-8B shape with random weights (the same weights in every engine), prompt 128 tokens,
+256 generated, greedy. Prints one table:
+- the roofline: measured device copy bandwidth / bytes of weights a decode step reads per token;
+- transformers on the same weights: dynamic cache, static cache, and its own paged continuous
+  batching (`generate_batch` with paged sdpa attention) at 8 / 32 / 64 requests;
+- the native engine in bf16 and INT4 (W4A16, RTN at load): batch 1, 8 / 32 / 64 concurrent,
+  time to first token of a 2,048-token prompt; SmolLM2-135M's shape at batch 1.
+One command:
 
-    python benchmarks/native_gpu.py [--shape llama-3-8b] [--new-tokens 64]
+    python benchmarks/native_gpu.py [--quick] [--shape llama-3-8b] [--new-tokens 256]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,128 +26,230 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.base import SamplingParams  # noqa: E402
 from engines.native.block_manager import BlockManager  # noqa: E402
+from engines.native.model import NAMED_SHAPES, random_state  # noqa: E402
 from engines.native.model_runner import ModelRunner, RunnerConfig  # noqa: E402
 from engines.native.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from engines.native.sequence import Sequence  # noqa: E402
 
+CONCURRENCY = (8, 32, 64)
+
 
 def copy_bandwidth_gbs() -> float:
     size = 1 << 30
-    source, target = torch.randint(0, 255, (size,), dtype=torch.uint8, device="cuda"), torch.empty(size, dtype=torch.uint8, device="cuda")
+    source = torch.randint(0, 255, (size,), dtype=torch.uint8, device="cuda")
+    target = torch.empty(size, dtype=torch.uint8, device="cuda")
     for _ in range(3):
         target.copy_(source)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         target.copy_(source)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1000)
-    return 2 * size / sorted(times)[len(times) // 2] / 1e9  # bytes read + written
+    return 2 * size / statistics.median(times) / 1e9  # bytes read + written
 
 
-def run_batch(runner: ModelRunner, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) -> tuple[float, float, list[list[int]]]:
-    """(decode tokens/s summed over the batch, prefill seconds, generated ids) for one batch."""
+def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
-    vocab = runner.model_config.vocab_size
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=batch * prompt_len),
+    return [torch.randint(0, vocab, (length,), generator=generator).tolist() for _ in range(batch)]
+
+
+def run_batch(runner: ModelRunner, batch: int, prompt_len: int, new_tokens: int, seed: int = 0):
+    """(decode tok/s summed over the batch, prefill s, end-to-end output tok/s, generated ids)."""
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=max(8192, batch * prompt_len)),
                           BlockManager(runner.num_blocks, runner.config.block_size))
-    seqs = [Sequence(f"s{i}", torch.randint(0, vocab, (prompt_len,), generator=generator).tolist(),
-                     SamplingParams(max_tokens=new_tokens, temperature=0)) for i in range(batch)]
+    seqs = [Sequence(f"s{i}", ids, SamplingParams(max_tokens=new_tokens, temperature=0))
+            for i, ids in enumerate(prompts(batch, prompt_len, runner.model_config.vocab_size, seed))]
     for seq in seqs:
         scheduler.add(seq)
     torch.cuda.synchronize()
     started = time.perf_counter()
-    batch_seqs, is_prefill = scheduler.schedule()
-    scheduler.postprocess(batch_seqs, runner.run(batch_seqs, is_prefill), frozenset())
+    while scheduler.waiting:  # prefill every prompt (several steps when they exceed the token budget)
+        batch_seqs, is_prefill = scheduler.schedule()
+        scheduler.postprocess(batch_seqs, runner.run(batch_seqs, is_prefill), frozenset())
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - started
     decoded = 0
-    started = time.perf_counter()
+    decode_started = time.perf_counter()
     while not scheduler.is_idle:
         batch_seqs, is_prefill = scheduler.schedule()
         tokens = runner.run(batch_seqs, is_prefill)
         decoded += len(batch_seqs)
         scheduler.postprocess(batch_seqs, tokens, frozenset())
     torch.cuda.synchronize()
-    return decoded / (time.perf_counter() - started), prefill_s, [seq.generated_token_ids for seq in seqs]
+    finished = time.perf_counter()
+    rate = decoded / (finished - decode_started)
+    return rate, prefill_s, (decoded + batch) / (finished - started), [seq.generated_token_ids for seq in seqs]
 
 
-def main(shape: str, prompt_len: int, new_tokens: int) -> None:
+def replay_ms(runner: ModelRunner, bucket: int) -> float:
+    """GPU time of one captured decode step alone (no host work between steps)."""
+    graph, _ = runner._graphs[bucket]
+    times = []
+    for _ in range(30):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def native_rows(label: str, runner: ModelRunner, bandwidth: float, prompt_len: int, new_tokens: int,
+                concurrency=CONCURRENCY, ttft: bool = True) -> tuple[list[str], float]:
     rows = []
-    bandwidth = copy_bandwidth_gbs()
-    runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, kv_cache_tokens=72 * (prompt_len + new_tokens) + 4096),
-                         shape=shape)
-    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    weight_bytes = runner.model.weight_bytes_per_token()
     roofline = bandwidth * 1e9 / weight_bytes
-    rows.append(f"device copy bandwidth {bandwidth:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB; "
-                f"batch-1 roofline {roofline:.0f} tok/s")
+    rows.append(f"{label}: weights read per token {weight_bytes / 1e9:.2f} GB -> batch-1 roofline {roofline:.0f} tok/s")
+    run_batch(runner, 1, prompt_len, 4)  # captures the batch-1 graph
+    rate, _, _, _ = run_batch(runner, 1, prompt_len, new_tokens)
+    step_ms = replay_ms(runner, 1)
+    rows.append(f"{label}, batch 1: {rate:8.1f} tok/s = {rate / roofline:.0%} of roofline "
+                f"(graph replay alone {step_ms:.2f} ms/token = {1000 / step_ms:.0f} tok/s)")
+    for batch in concurrency:
+        run_batch(runner, batch, prompt_len, 4)
+        rate, prefill_s, end_to_end, _ = run_batch(runner, batch, prompt_len, new_tokens)
+        rows.append(f"{label}, {batch:>2} concurrent: {rate:8.1f} decode tok/s; {end_to_end:8.1f} output tok/s "
+                    f"with prefill ({prefill_s * 1000:.0f} ms)")
+    if ttft:
+        run_batch(runner, 1, 2048, 1)
+        times = [run_batch(runner, 1, 2048, 1, seed=s)[1] for s in range(3)]
+        rows.append(f"{label}, TTFT of a 2,048-token prompt: {statistics.median(times) * 1000:.0f} ms")
+    return rows, rate
 
-    # Correctness against transformers on the same weights.
-    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM as HFLlama
 
-    c = runner.model_config
+def transformers_rows(state, shape: str, runner: ModelRunner, prompt_len: int, new_tokens: int, static: bool):
+    from transformers import GenerationConfig
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM as HFLlama
+
+    c = NAMED_SHAPES[shape]
     hf_config = HFConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                          num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
                          num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
                          rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
-                         tie_word_embeddings=c.tie_word_embeddings)
-    with torch.device("cuda"):
-        hf = HFLlama(hf_config).to(torch.bfloat16).eval()
-    hf.load_state_dict(runner.model.state_dict(), strict=False)
-    prompt = torch.randint(0, c.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1)).tolist()[0]
+                         tie_word_embeddings=c.tie_word_embeddings, eos_token_id=None, bos_token_id=None,
+                         pad_token_id=0)
+    with torch.device("meta"):
+        hf = HFLlama(hf_config)
+    hf.load_state_dict(state, strict=False, assign=True)  # shares the tensors: no second copy
+    hf = hf.to(device="cuda", dtype=torch.bfloat16).eval()
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config, device="cuda")  # buffers left on meta
+    rows = []
+    prompt = prompts(1, prompt_len, c.vocab_size, seed=1)[0]
     seq = Sequence("check", list(prompt), SamplingParams(max_tokens=32, temperature=0))
     manager = BlockManager(runner.num_blocks, runner.config.block_size)
     manager.allocate(seq)
     ours = runner.logits([seq], True)[0]
-    with torch.no_grad():
-        theirs = hf(torch.tensor([prompt], device="cuda")).logits[0, -1].float()
-    relative = ((ours - theirs).norm() / theirs.norm()).item()
     manager.free(seq)
+    input_ids = torch.tensor([prompt], device="cuda")
     with torch.no_grad():
-        hf_tokens = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=32, do_sample=False,
-                                min_new_tokens=32)[0, prompt_len:].tolist()
-    _, _, (native_tokens,) = run_batch(runner, 1, prompt_len, 32, seed=1)
+        theirs = hf(input_ids).logits[0, -1].float()
+        hf_tokens = hf.generate(input_ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, prompt_len:].tolist()
+    relative = ((ours - theirs).norm() / theirs.norm()).item()
+    _, _, _, (native_tokens,) = run_batch(runner, 1, prompt_len, 32, seed=1)
     agree = next((i for i, (a, b) in enumerate(zip(hf_tokens, native_tokens)) if a != b), len(hf_tokens))
-    rows.append(f"prefill logits vs transformers: relative error {relative:.2e}, argmax equal: "
+    rows.append(f"bf16 prefill logits vs transformers: relative error {relative:.2e}, top-1 equal: "
                 f"{bool(ours.argmax() == theirs.argmax())}; greedy: first {agree}/32 tokens identical")
-
-    # transformers' own decode speed, batch 1, on the same weights. (Its static cache without
-    # torch.compile measured 1.3 tok/s on an H100 on 2026-11-23, so it is left out.)
-    for cache in ("dynamic",):
+    caches = ("dynamic", "static") if static else ("dynamic",)
+    for cache in caches:
         kwargs = {"cache_implementation": "static"} if cache == "static" else {}
-        input_ids = torch.tensor([prompt], device="cuda")
-        hf.generate(input_ids, max_new_tokens=8, do_sample=False, min_new_tokens=8, **kwargs)
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        hf.generate(input_ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens, **kwargs)
-        torch.cuda.synchronize()
-        rows.append(f"transformers {cache} cache, batch 1: {new_tokens / (time.perf_counter() - started):.1f} tok/s "
+        with torch.no_grad():
+            # The first call compiles (static cache) and warms up; the second is timed.
+            hf.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            hf.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+            torch.cuda.synchronize()
+        rows.append(f"transformers {cache} cache, batch 1: {new_tokens / (time.perf_counter() - started):8.1f} tok/s "
                     "(prefill included)")
+    for implementation in ("paged|sdpa", "sdpa_paged"):
+        try:
+            hf.set_attn_implementation(implementation)
+            break
+        except Exception as error:  # noqa: BLE001 - the name changed between transformers versions
+            rows.append(f"transformers: attn_implementation {implementation!r} refused ({type(error).__name__})")
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    for batch in CONCURRENCY:
+        inputs = prompts(batch, prompt_len, c.vocab_size, seed=batch)
+        try:
+            with torch.no_grad():
+                hf.generate_batch(inputs=inputs[:2], generation_config=config, progress_bar=False)  # warm-up
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                outputs = hf.generate_batch(inputs=inputs, generation_config=config, progress_bar=False)
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+            generated = sum(len(output.generated_tokens) for output in outputs.values())
+            rows.append(f"transformers generate_batch ({implementation}), {batch:>2} requests: "
+                        f"{generated / elapsed:8.1f} output tok/s with prefill")
+        except Exception as error:  # noqa: BLE001 - report, keep benchmarking
+            rows.append(f"transformers generate_batch, {batch} requests: failed ({type(error).__name__}: {error})"[:300])
     del hf
     torch.cuda.empty_cache()
+    return rows
 
-    runner.use_graphs = False
-    run_batch(runner, 1, prompt_len, 4)  # warm-up
-    rate, _, _ = run_batch(runner, 1, prompt_len, new_tokens)
-    rows.append(f"native eager (Triton decode attention),  1 concurrent: {rate:8.1f} output tok/s = {rate / roofline:.0%} of roofline")
-    runner.use_graphs = True
-    for batch in (1, 8, 32, 64):
-        run_batch(runner, batch, prompt_len, 4)  # captures this batch size's graph
-        rate, prefill_s, _ = run_batch(runner, batch, prompt_len, new_tokens)
-        extra = f" = {rate / roofline:.0%} of roofline" if batch == 1 else ""
-        rows.append(f"native CUDA graphs, {batch:>2} concurrent: {rate:8.1f} output tok/s{extra}; prefill {prefill_s * 1000:.0f} ms")
-    _, ttft, _ = run_batch(runner, 1, 2048, 1)
-    rows.append(f"native, TTFT for a 2,048-token prompt: {ttft * 1000:.0f} ms")
-    print("\n".join(["", f"{torch.cuda.get_device_name()} | {shape}, bf16 random weights, prompt {prompt_len}, "
-                         f"{new_tokens} new tokens"] + rows))
+
+def main(shape: str, prompt_len: int, new_tokens: int, quick: bool, static: bool) -> None:
+    bandwidth = copy_bandwidth_gbs()
+    rows = [f"device copy bandwidth {bandwidth:.0f} GB/s"]
+    kv_tokens = max(CONCURRENCY) * (prompt_len + new_tokens + 16) + 4096
+    state = random_state(NAMED_SHAPES[shape], "cuda", torch.bfloat16)
+    runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, kv_cache_tokens=kv_tokens), shape=shape, state=state)
+    if not quick:
+        rows += transformers_rows(state, shape, runner, prompt_len, new_tokens, static)
+        runner.use_graphs = False
+        run_batch(runner, 1, prompt_len, 4)
+        rate, _, _, _ = run_batch(runner, 1, prompt_len, 64)
+        rows.append(f"native bf16, batch 1, eager (no CUDA graphs): {rate:8.1f} tok/s")
+        runner.use_graphs = True
+    bf16_rows, _ = native_rows("native bf16", runner, bandwidth, prompt_len, new_tokens)
+    rows += bf16_rows
+    check = prompts(1, prompt_len, runner.model_config.vocab_size, seed=3)[0]
+    reference_logits = logits_of(runner, check)
+    del runner
+    torch.cuda.empty_cache()
+    runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, kv_cache_tokens=kv_tokens, quantize="int4"),
+                         shape=shape, state=state)
+    del state
+    torch.cuda.empty_cache()
+    int4_logits = logits_of(runner, check)
+    relative = ((int4_logits - reference_logits).norm() / reference_logits.norm()).item()
+    rows.append(f"INT4 (RTN g128) prefill logits vs bf16: relative error {relative:.2e}")
+    int4_rows, _ = native_rows("native int4", runner, bandwidth, prompt_len, new_tokens)
+    rows += int4_rows
+    del runner
+    torch.cuda.empty_cache()
+    for quantize in (None, "int4"):
+        small = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, kv_cache_tokens=8192, quantize=quantize),
+                            shape="smollm2-135m")
+        small_rows, _ = native_rows(f"smollm2-135m {quantize or 'bf16'}", small, bandwidth, prompt_len, new_tokens,
+                                    concurrency=(), ttft=False)
+        rows += small_rows
+        del small
+    print("\n".join(["", f"{torch.cuda.get_device_name()} | {shape}, random weights, prompt {prompt_len}, "
+                         f"{new_tokens} new tokens, greedy"] + rows))
+
+
+def logits_of(runner: ModelRunner, prompt: list[int]) -> torch.Tensor:
+    seq = Sequence("logits", list(prompt), SamplingParams(max_tokens=1, temperature=0))
+    manager = BlockManager(runner.num_blocks, runner.config.block_size)
+    manager.allocate(seq)
+    logits = runner.logits([seq], True)[0]
+    manager.free(seq)
+    return logits
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-3-8b")
     parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="native engine only (no transformers)")
+    parser.add_argument("--no-static", action="store_true", help="skip transformers' static cache (it compiles)")
     arguments = parser.parse_args()
-    main(arguments.shape, arguments.prompt, arguments.new_tokens)
+    main(arguments.shape, arguments.prompt, arguments.new_tokens, arguments.quick, not arguments.no_static)

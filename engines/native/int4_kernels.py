@@ -1,18 +1,21 @@
 """W4A16 matmul in Triton: bf16/fp16 activations times lowbit's INT4 weights (see quantization.py).
 
-One kernel serves decode (1-16 rows) and prefill (thousands of rows); only the tile shape
-changes. Each K step covers one quantization group:
-- the packed words [BLOCK_N, G/8] are unpacked with a shift and a mask, and each 4-bit q
-  becomes the float 128 + q by or-ing it into the mantissa of 128.0 (exact in bf16 and
-  fp16, no int-to-float conversion, which is a slow instruction);
-- the tensor cores compute P = x . (128 + q) for the group in fp32;
-- the group's scale and zero point are applied once per output, not per weight:
-  x . ((q - z) s) = s (P - (128 + z) sum(x)).
+Three paths, by the number of input rows M (`kernel_config`):
+- M <= 4 (decode at small batch): a GEMV on CUDA cores that streams the packed words with many
+  programs in flight;
+- M <= 128 (larger decode batches): tensor cores, one quantization group per K step;
+- more rows (prefill): dequantize to bf16 in one kernel, then cuBLAS (compute-bound there).
+Both kernels unpack value j of every word with a shift and an and-or that turns the 4-bit q
+into the float 128 + q (q placed into the mantissa of 128.0: no int-to-float conversion,
+which is a slow instruction), and apply each group's scale and zero point once per output
+and group rather than per weight: x . ((q - z) s) = s (x . (128 + q) - (128 + z) sum(x)).
 Epilogues: `residual` adds a tensor to the output (the residual stream); `gated` reads the
 gate rows [0, N/2) and the up rows [N/2, N) and writes silu(gate) * up.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -22,22 +25,81 @@ from engines.native.quantization import Int4Weight
 
 
 @triton.jit
-def _group_dot(x, x_sum, qweight_ptr, scales_ptr, zeros_ptr, rows, row_mask, group, stride_q, stride_s,
-               GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """x [BLOCK_M, GROUP] . dequantized W[rows, group]^T -> [BLOCK_M, BLOCK_N] fp32."""
+def _offset_values(packed, j: tl.constexpr):
+    """The j-th 4-bit value q of each int32 word as the float32 128 + q: q goes into mantissa bits
+    16..19 of 128.0 (one shift and one and-or), so no int-to-float conversion is needed, and
+    the low 16 bits stay zero, so a cast to bf16/fp16 is exact."""
+    if 4 * j <= 16:
+        bits = (packed << (16 - 4 * j)) & 0xF0000
+    else:
+        bits = (packed >> (4 * j - 16)) & 0xF0000
+    return (bits | 0x43000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n, K, stride_xm, stride_q, stride_s,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k x[row, k] W[cols, k] on CUDA cores, fp32 -> [BLOCK_N]."""
+    words = tl.arange(0, BLOCK_K // 8)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 8), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        word_index = k0 // 8 + words  # [BLOCK_K / 8]
+        packed = tl.load(qweight_ptr + cols[:, None] * stride_q + word_index[None, :], mask=mask_n[:, None], other=0)
+        groups = cols[:, None] * stride_s + (word_index // (GROUP // 8))[None, :]
+        scale = tl.load(scales_ptr + groups, mask=mask_n[:, None], other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + groups, mask=mask_n[:, None], other=0).to(tl.float32) + 128.0
+        partial = tl.zeros((BLOCK_N, BLOCK_K // 8), tl.float32)
+        x_sum = tl.zeros((BLOCK_K // 8,), tl.float32)
+        for j in tl.static_range(8):
+            x = tl.load(x_ptr + row * stride_xm + word_index * 8 + j).to(tl.float32)  # [BLOCK_K / 8]
+            x_sum += x
+            partial += _offset_values(packed, j) * x[None, :]
+        acc += scale * (partial - zero * x_sum[None, :])  # x . (q - z) s = s (x . (128 + q) - (128 + z) sum x)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, residual_ptr,
+    N, K, up_offset, stride_xm, stride_om, stride_rm, stride_q, stride_s,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr,
+):
+    row = tl.program_id(0)  # fastest-varying: the rows of one weight tile run together and share it in L2
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < N
+    out = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n, K, stride_xm, stride_q,
+                          stride_s, GROUP, BLOCK_N, BLOCK_K)
+    if GATED:
+        up = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols + up_offset, mask_n, K, stride_xm,
+                             stride_q, stride_s, GROUP, BLOCK_N, BLOCK_K)
+        out = out * tl.sigmoid(out) * up
+    if ADD_RESIDUAL:
+        out += tl.load(residual_ptr + row * stride_rm + cols, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _int4_dot_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, rows_m, mask_m, cols, mask_n, K, stride_xm, stride_q,
+                   stride_s, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x[rows_m] . W[cols]^T on tensor cores, one group per K step -> [BLOCK_M, BLOCK_N] fp32."""
     words = tl.arange(0, GROUP // 8)
-    packed = tl.load(qweight_ptr + rows[:, None] * stride_q + group * (GROUP // 8) + words[None, :],
-                     mask=row_mask[:, None], other=0)  # [BLOCK_N, GROUP / 8] int32
-    shifts = tl.arange(0, 8) * 4
-    nibbles = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # [BLOCK_N, GROUP / 8, 8]
-    # 128 + q: q in mantissa bits 16..19 of the float32 128.0; the low 16 bits stay zero, so the
-    # cast to 16-bit floats is exact.
-    offset = ((nibbles << 16) | 0x43000000).to(tl.float32, bitcast=True).to(x.dtype)
-    weights = tl.reshape(offset, (BLOCK_N, GROUP))
-    partial = tl.dot(x, tl.trans(weights))  # [BLOCK_M, BLOCK_N]
-    scale = tl.load(scales_ptr + rows * stride_s + group, mask=row_mask, other=0.0).to(tl.float32)
-    zero = tl.load(zeros_ptr + rows * stride_s + group, mask=row_mask, other=0).to(tl.float32) + 128.0
-    return (partial - x_sum[:, None] * zero[None, :]) * scale[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, GROUP):
+        packed = tl.load(qweight_ptr + cols[:, None] * stride_q + (k0 // 8 + words)[None, :],
+                         mask=mask_n[:, None], other=0)  # [BLOCK_N, GROUP / 8]
+        partial = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        x_sum = tl.zeros((BLOCK_M,), tl.float32)
+        for j in tl.static_range(8):  # the j-th value of every word: inputs k0 + 8w + j
+            x = tl.load(x_ptr + rows_m[:, None] * stride_xm + (k0 + words * 8 + j)[None, :],
+                        mask=mask_m[:, None], other=0.0)  # [BLOCK_M, GROUP / 8]
+            x_sum += tl.sum(x.to(tl.float32), axis=1)
+            partial = tl.dot(x, tl.trans(_offset_values(packed, j).to(x.dtype)), partial)
+        group = k0 // GROUP
+        scale = tl.load(scales_ptr + cols * stride_s + group, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + cols * stride_s + group, mask=mask_n, other=0).to(tl.float32) + 128.0
+        acc += (partial - x_sum[:, None] * zero[None, :]) * scale[None, :]
+    return acc
 
 
 @triton.jit
@@ -54,59 +116,105 @@ def _int4_matmul_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rows_m < M
     mask_n = cols < N
-    inputs = tl.arange(0, GROUP)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for group in range(0, K // GROUP):
-        x = tl.load(x_ptr + rows_m[:, None] * stride_xm + group * GROUP + inputs[None, :],
-                    mask=mask_m[:, None], other=0.0)  # [BLOCK_M, GROUP]
-        x_sum = tl.sum(x.to(tl.float32), axis=1)
-        acc += _group_dot(x, x_sum, qweight_ptr, scales_ptr, zeros_ptr, cols, mask_n, group, stride_q, stride_s,
-                          GROUP, BLOCK_N)
-        if GATED:
-            acc_up += _group_dot(x, x_sum, qweight_ptr, scales_ptr, zeros_ptr, cols + up_offset, mask_n, group,
-                                 stride_q, stride_s, GROUP, BLOCK_N)
+    acc = _int4_dot_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, rows_m, mask_m, cols, mask_n, K, stride_xm,
+                         stride_q, stride_s, GROUP, BLOCK_M, BLOCK_N)
     if GATED:
-        acc = acc * tl.sigmoid(acc) * acc_up
+        up = _int4_dot_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, rows_m, mask_m, cols + up_offset, mask_n, K,
+                            stride_xm, stride_q, stride_s, GROUP, BLOCK_M, BLOCK_N)
+        acc = acc * tl.sigmoid(acc) * up
     out_mask = mask_m[:, None] & mask_n[None, :]
     if ADD_RESIDUAL:
         acc += tl.load(residual_ptr + rows_m[:, None] * stride_rm + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows_m[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by number of rows; measured on an H100 (benchmarks/native_gpu.py).
-TILE_CONFIGS = {
-    16: (16, 32, 4, 4),
-    32: (32, 64, 4, 4),
-    64: (64, 64, 4, 3),
-    128: (64, 128, 4, 3),
-    None: (128, 128, 8, 3),  # more rows: prefill
-}
+@triton.jit
+def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, stride_q, stride_s, stride_o,
+                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    word_index = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    packed = tl.load(qweight_ptr + rows[:, None] * stride_q + word_index[None, :])
+    groups = rows[:, None] * stride_s + (word_index // (GROUP // 8))[None, :]
+    scale = tl.load(scales_ptr + groups).to(tl.float32)
+    zero = tl.load(zeros_ptr + groups).to(tl.float32) + 128.0
+    for j in tl.static_range(8):
+        value = (_offset_values(packed, j) - zero) * scale
+        tl.store(out_ptr + rows[:, None] * stride_o + (word_index * 8 + j)[None, :], value.to(out_ptr.dtype.element_ty))
 
 
-def tile_config(rows: int) -> tuple[int, int, int, int]:
-    for limit, config in TILE_CONFIGS.items():
-        if limit is None or rows <= limit:
-            return config
-    raise AssertionError
+def dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """[N, K] in `dtype`, in one kernel (N a multiple of 16, K of 64)."""
+    n, k = weight.shape
+    out = torch.empty((n, k), dtype=dtype, device=weight.qweight.device)
+    block_k = min(256, k & -k)
+    _dequantize_kernel[(triton.cdiv(n, 16), k // block_k)](
+        weight.qweight, weight.scales, weight.zeros, out, weight.qweight.stride(0), weight.scales.stride(0),
+        out.stride(0), GROUP=weight.group_size, BLOCK_N=16, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+@dataclass(frozen=True)
+class GemvConfig:  # CUDA cores; one program per (input row, BLOCK_N outputs)
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class DotConfig:  # tensor cores; one program per (BLOCK_M rows, BLOCK_N outputs)
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Up to 4 rows: the CUDA-core GEMV; up to 128 rows with groups of 128: tensor cores; beyond (prefill),
+# or with smaller groups: dequantize into bf16 and let cuBLAS multiply (compute-bound there, so the
+# extra pass costs little). Configs chosen by measurement on an H100 (benchmarks/int4_kernels.py --sweep).
+GEMV_MAX_ROWS = 4
+DOT_MAX_ROWS = 128
+GEMV_CONFIG = GemvConfig(8, 512, 4, 3)
+DOT_CONFIGS = {16: DotConfig(16, 32, 2, 4), 64: DotConfig(64, 32, 4, 4), 128: DotConfig(64, 64, 4, 3)}
+
+
+def kernel_config(rows: int, group_size: int = 128) -> GemvConfig | DotConfig | None:
+    """The kernel and tile for `rows` input rows; None: dequantize and use cuBLAS."""
+    if rows <= GEMV_MAX_ROWS:
+        return GEMV_CONFIG
+    if rows > DOT_MAX_ROWS or group_size < 128:
+        return None
+    return next(config for limit, config in DOT_CONFIGS.items() if rows <= limit)
 
 
 def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | None = None, gated: bool = False,
-                config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                config: GemvConfig | DotConfig | None | str = "auto") -> torch.Tensor:
     """x [M, K] (bf16 or fp16) -> [M, N] (or [M, N/2] gated), optionally + residual [M, N]."""
     x = x.contiguous()
     m, k = x.shape
+    if config == "auto":
+        config = kernel_config(m, weight.group_size)
+    if config is None:
+        dense = dequantize(weight, x.dtype)
+        if gated:
+            from engines.native.kernels import silu_and_mul
+
+            return silu_and_mul(torch.nn.functional.linear(x, dense))
+        return torch.nn.functional.linear(x, dense) if residual is None else torch.addmm(residual, x, dense.T)
     rows, _ = weight.shape
     n = rows // 2 if gated else rows
-    block_m, block_n, num_warps, num_stages = config or tile_config(m)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if residual is not None:
         residual = residual.contiguous()
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _int4_matmul_kernel[grid](
-        x, weight.qweight, weight.scales, weight.zeros, out, residual if residual is not None else out,
-        m, n, k, n, x.stride(0), out.stride(0), out.stride(0), weight.qweight.stride(0), weight.scales.stride(0),
-        GROUP=weight.group_size, BLOCK_M=block_m, BLOCK_N=block_n, GATED=gated, ADD_RESIDUAL=residual is not None,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    common = dict(GROUP=weight.group_size, GATED=gated, ADD_RESIDUAL=residual is not None,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    tensors = (x, weight.qweight, weight.scales, weight.zeros, out, residual if residual is not None else out)
+    strides = (x.stride(0), out.stride(0), out.stride(0), weight.qweight.stride(0), weight.scales.stride(0))
+    if isinstance(config, GemvConfig):
+        block_k = min(config.block_k, k & -k)  # the largest power of two dividing K (K = 576: 64)
+        _int4_gemv_kernel[(m, triton.cdiv(n, config.block_n))](
+            *tensors, n, k, n, *strides, BLOCK_N=config.block_n, BLOCK_K=block_k, **common)
+    else:
+        _int4_matmul_kernel[(triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))](
+            *tensors, m, n, k, n, *strides, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common)
     return out

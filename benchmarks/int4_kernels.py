@@ -1,0 +1,125 @@
+"""The W4A16 matmul's achieved bandwidth next to bf16 matmul (cuBLAS), on Llama-3-8B's layer shapes.
+
+Effective GB/s = bytes the matmul must move (weights with scales and zero points, activations
+in, results out) / median time. Each timing replays a CUDA graph of 8 calls that cycle over 8
+copies of the weights (more than the L2 cache holds), so neither launch gaps nor cache hits
+flatter the figure. `--sweep` also tries tile configurations and prints the best per row count
+(what `int4_kernels.GEMV_CONFIG` and `DOT_CONFIGS` hold). One command:
+
+    python benchmarks/int4_kernels.py [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engines.native.int4_kernels import DotConfig, GemvConfig, int4_matmul, kernel_config  # noqa: E402
+from engines.native.quantization import quantize_rtn  # noqa: E402
+
+# (name, N, K, gated) for one Llama-3-8B decoder layer.
+LAYER = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 28672, 4096, True),
+         ("down", 4096, 14336, False)]
+COPIES = 8
+
+
+def graph_time_ms(calls) -> float:
+    """Median time of one call, from replays of a graph holding all `calls` once each."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    times = []
+    for _ in range(15):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / len(calls))
+    return statistics.median(times)
+
+
+def make_weights(n: int, k: int):
+    generator = torch.Generator(device="cuda").manual_seed(n + k)
+    dense = [torch.randn(n, k, device="cuda", generator=generator, dtype=torch.bfloat16) * 0.02 for _ in range(COPIES)]
+    return dense, [quantize_rtn(w) for w in dense]
+
+
+def int4_bytes(weight, rows: int, gated: bool) -> int:
+    n, k = weight.shape
+    return weight.nbytes() + rows * k * 2 + rows * (n // 2 if gated else n) * 2
+
+
+def measure(rows_list, sweep: bool) -> None:
+    results = {}  # (rows, name) -> (bf16 ms, int4 ms, bytes bf16, bytes int4)
+    best_configs = {}
+    for name, n, k, gated in LAYER:
+        dense, quantized = make_weights(n, k)
+        for rows in rows_list:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            bf16_ms = graph_time_ms([lambda w=w: torch.nn.functional.linear(x, w) for w in dense])
+            int4_ms = graph_time_ms([lambda w=w: int4_matmul(x, w, gated=gated) for w in quantized])
+            results[rows, name] = (bf16_ms, int4_ms, n * k * 2 + rows * (k + n) * 2,
+                                   int4_bytes(quantized[0], rows, gated))
+            if sweep:
+                for config in candidate_configs(rows):
+                    try:
+                        ms = graph_time_ms([lambda w=w: int4_matmul(x, w, gated=gated, config=config)
+                                            for w in quantized])
+                    except Exception as error:  # noqa: BLE001 - a config that does not compile
+                        print(f"config {config} failed: {type(error).__name__}: {str(error)[:200]}")
+                        continue
+                    best_configs.setdefault(rows, {}).setdefault(config, 0.0)
+                    best_configs[rows][config] += ms
+        del dense, quantized
+        torch.cuda.empty_cache()
+    print(f"\n{torch.cuda.get_device_name()}: matmul effective GB/s (median), Llama-3-8B layer shapes")
+    print(f"{'rows':>5} {'matmul':>8} {'N x K':>12} {'bf16 us':>8} {'bf16 GB/s':>10} {'int4 us':>8} "
+          f"{'int4 GB/s':>10} {'int4 speedup':>13}")
+    for (rows, name), (bf16_ms, int4_ms, bf16_bytes, q_bytes) in results.items():
+        n, k = next((n, k) for layer, n, k, _ in LAYER if layer == name)
+        print(f"{rows:>5} {name:>8} {f'{n}x{k}':>12} {bf16_ms * 1000:8.1f} {bf16_bytes / bf16_ms / 1e6:10.0f} "
+              f"{int4_ms * 1000:8.1f} {q_bytes / int4_ms / 1e6:10.0f} {bf16_ms / int4_ms:12.2f}x")
+    for rows in rows_list:
+        bf16_total = sum(results[rows, name][0] for name, *_ in LAYER)
+        int4_total = sum(results[rows, name][1] for name, *_ in LAYER)
+        print(f"rows {rows:>3}: one layer's four matmuls: bf16 {bf16_total * 1000:.0f} us, int4 {int4_total * 1000:.0f} us "
+              f"({bf16_total / int4_total:.2f}x); int4 tile config {kernel_config(rows)}")
+    for rows, totals in best_configs.items():
+        ranked = sorted(totals.items(), key=lambda item: item[1])[:3]
+        print(f"sweep rows {rows:>3}: best " + "; ".join(f"{c} {t * 1000:.0f} us" for c, t in ranked)
+              + f" (current {kernel_config(rows)}: {totals.get(kernel_config(rows), float('nan')) * 1000:.0f} us)")
+
+
+def candidate_configs(rows: int):
+    configs = []
+    if rows <= 4:
+        configs += [GemvConfig(*c) for c in itertools.product([4, 8, 16, 32], [256, 512, 1024], [4], [2, 3])]
+        configs += [GemvConfig(8, 512, w, 3) for w in (2, 8)]
+    if rows >= 4:
+        block_m = 16 if rows <= 16 else 64
+        configs += [DotConfig(block_m, *c) for c in itertools.product([16, 32, 64], [2, 4], [2, 3, 4])]
+    configs.append(None)  # dequantize + cuBLAS
+    return configs
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also try tile configurations")
+    parser.add_argument("--rows", default="1,4,16,64")
+    arguments = parser.parse_args()
+    measure([int(r) for r in arguments.rows.split(",")], arguments.sweep)
