@@ -37,6 +37,12 @@ def _offset_values(packed, j: tl.constexpr):
 
 
 @triton.jit
+def _input_of(word_index, j: tl.constexpr):
+    """The input (k) that value j of each word holds: words interleave in blocks of 8 (64 inputs)."""
+    return (word_index // 8) * 64 + j * 8 + word_index % 8
+
+
+@triton.jit
 def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n, K, stride_xm, stride_q, stride_s,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """sum_k x[row, k] W[cols, k] on CUDA cores, fp32 -> [BLOCK_N]."""
@@ -51,7 +57,7 @@ def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n
         partial = tl.zeros((BLOCK_N, BLOCK_K // 8), tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), tl.float32)
         for j in tl.static_range(8):
-            x = tl.load(x_ptr + row * stride_xm + word_index * 8 + j).to(tl.float32)  # [BLOCK_K / 8]
+            x = tl.load(x_ptr + row * stride_xm + _input_of(word_index, j)).to(tl.float32)  # [BLOCK_K / 8]
             x_sum += x
             partial += _offset_values(packed, j) * x[None, :]
         acc += scale * (partial - zero * x_sum[None, :])  # x . (q - z) s = s (x . (128 + q) - (128 + z) sum x)
@@ -90,8 +96,8 @@ def _int4_dot_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, rows_m, mask_m, co
                          mask=mask_n[:, None], other=0)  # [BLOCK_N, GROUP / 8]
         partial = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         x_sum = tl.zeros((BLOCK_M,), tl.float32)
-        for j in tl.static_range(8):  # the j-th value of every word: inputs k0 + 8w + j
-            x = tl.load(x_ptr + rows_m[:, None] * stride_xm + (k0 + words * 8 + j)[None, :],
+        for j in tl.static_range(8):  # the j-th value of every word
+            x = tl.load(x_ptr + rows_m[:, None] * stride_xm + _input_of(k0 // 8 + words, j)[None, :],
                         mask=mask_m[:, None], other=0.0)  # [BLOCK_M, GROUP / 8]
             x_sum += tl.sum(x.to(tl.float32), axis=1)
             partial = tl.dot(x, tl.trans(_offset_values(packed, j).to(x.dtype)), partial)
@@ -139,7 +145,8 @@ def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, stride_q, st
     zero = tl.load(zeros_ptr + groups).to(tl.float32) + 128.0
     for j in tl.static_range(8):
         value = (_offset_values(packed, j) - zero) * scale
-        tl.store(out_ptr + rows[:, None] * stride_o + (word_index * 8 + j)[None, :], value.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + rows[:, None] * stride_o + _input_of(word_index, j)[None, :],
+                 value.to(out_ptr.dtype.element_ty))
 
 
 def dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:

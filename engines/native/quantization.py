@@ -1,12 +1,13 @@
 """lowbit's INT4 weight-only format and the two ways into it: RTN and activation-aware (AWQ) scales.
 
 Format, per linear layer with weight W [N out, K in] (nn.Linear's layout):
-- `qweight` int32 [N, K // 8]: eight 4-bit values per word along K; value j of a word sits in
-  bits 4j..4j+3 (so word w of row n holds W[n, 8w : 8w + 8]).
+- `qweight` int32 [N, K // 8]: eight 4-bit values per word, value j in bits 4j..4j+3. Words
+  come in blocks of 8 covering 64 inputs, interleaved: word w of a block holds inputs
+  8j + w (j = 0..7) of that block. So the j-th values of consecutive words are consecutive
+  inputs, and a kernel that unpacks value j of many words at once reads x contiguously.
 - `scales` float16 [N, K // G] and `zeros` uint8 [N, K // G]: one scale and one integer zero
   point (0..15) per group of G consecutive inputs; W[n, k] ~ (q - zero) * scale.
-G is 128 unless K is not a multiple of 128 (SmolLM2's 576), in which case the largest power of
-two up to 128 that divides K. The group size is not stored: it is K // scales.shape[1].
+G is 128, or 64 where K is not a multiple of 128 (SmolLM2's 576); K must be a multiple of 64. The group size is not stored: it is K // scales.shape[1].
 
 Like gpt-fast, quantizing is one phase (here or in `lowbit prepare`) and running is another
 (`Int4Linear` loads the packed tensors). Plain torch; no GPU needed.
@@ -22,13 +23,14 @@ DEFAULT_GROUP_SIZE = 128
 PACK = 8  # 4-bit values per int32 word
 
 
+BLOCK = 64  # inputs per interleaved block of 8 words
+
+
 def group_size_for(in_features: int, preferred: int = DEFAULT_GROUP_SIZE) -> int:
-    size = preferred
-    while size >= 16:
+    for size in (preferred, BLOCK):
         if in_features % size == 0:
             return size
-        size //= 2
-    raise ValueError(f"no INT4 group size in 16..{preferred} divides {in_features} inputs")
+    raise ValueError(f"INT4 needs a multiple of {BLOCK} inputs, not {in_features}")
 
 
 @dataclass
@@ -58,22 +60,25 @@ class Int4Weight:
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
-    """uint8/int values in 0..15, [N, K] -> int32 [N, K // 8] (value j of a word at bits 4j..4j+3)."""
+    """uint8/int values in 0..15, [N, K] -> int32 [N, K // 8] in the interleaved layout above."""
     n, k = values.shape
-    if k % PACK:
-        raise ValueError(f"K={k} is not a multiple of {PACK}")
-    nibbles = values.to(torch.int64).view(n, k // PACK, PACK)
+    if k % BLOCK:
+        raise ValueError(f"K={k} is not a multiple of {BLOCK}")
+    # [N, blocks, j, w] -> [N, blocks, w, j]: word w of a block gathers inputs 8j + w.
+    nibbles = values.to(torch.int64).view(n, k // BLOCK, PACK, PACK).transpose(2, 3)
     shifts = torch.arange(PACK, dtype=torch.int64, device=values.device) * 4
-    words = (nibbles << shifts).sum(-1)  # [N, K // 8], 0 .. 2^32 - 1
+    words = (nibbles << shifts).sum(-1).reshape(n, k // PACK)  # 0 .. 2^32 - 1
     words = torch.where(words >= 2**31, words - 2**32, words)  # as two's-complement int32
     return words.to(torch.int32)
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """int32 [N, K // 8] -> uint8 [N, K]; the exact inverse of `pack_int4`."""
+    n, num_words = qweight.shape
     shifts = torch.arange(PACK, dtype=torch.int32, device=qweight.device) * 4
-    nibbles = (qweight[..., None] >> shifts) & 0xF  # arithmetic shift: the mask drops the sign
-    return nibbles.reshape(qweight.shape[0], -1).to(torch.uint8)
+    nibbles = (qweight[..., None] >> shifts) & 0xF  # [N, words, j]; the mask drops the sign
+    nibbles = nibbles.view(n, num_words // PACK, PACK, PACK).transpose(2, 3)  # [N, blocks, j, w]
+    return nibbles.reshape(n, num_words * PACK).to(torch.uint8)
 
 
 def quantize_rtn(weight: torch.Tensor, group_size: int | None = None) -> Int4Weight:

@@ -23,8 +23,11 @@ def test_pack_then_unpack_is_exact_for_every_value_and_position():
     packed = pack_int4(values)
     assert packed.dtype == torch.int32 and packed.shape == (37, 32)
     assert torch.equal(unpack_int4(packed), values)
-    # The documented layout: value j of word w sits in bits 4j..4j+3.
-    assert (int(packed[1, 0]) & 0xFFFFFFFF) == sum(int(values[1, j]) << (4 * j) for j in range(8))
+    # The documented layout: value j (bits 4j..4j+3) of word w of a block is input 8j + w.
+    for word in (0, 3, 8 + 5):
+        block, w = divmod(word, 8)
+        expected = sum(int(values[1, 64 * block + 8 * j + w]) << (4 * j) for j in range(8))
+        assert (int(packed[1, word]) & 0xFFFFFFFF) == expected
 
 
 def test_group_size_falls_back_to_a_divisor_of_the_inputs():
@@ -32,6 +35,8 @@ def test_group_size_falls_back_to_a_divisor_of_the_inputs():
     assert group_size_for(576) == 64  # SmolLM2-135M's hidden size
     with pytest.raises(ValueError):
         group_size_for(100)
+    with pytest.raises(ValueError):
+        pack_int4(torch.zeros(2, 40, dtype=torch.uint8))
 
 
 def test_rtn_error_is_half_a_step_inside_the_grid_and_under_a_step_at_its_ends():
