@@ -43,24 +43,45 @@ def _input_of(word_index, j: tl.constexpr):
 
 
 @triton.jit
+def _gemv_step_weights(qweight_ptr, scales_ptr, zeros_ptr, cols, mask, word_index, stride_q, stride_s,
+                       GROUP: tl.constexpr):
+    """One K step's packed words [BLOCK_N, BLOCK_K / 8] and each word's scale and zero point."""
+    packed = tl.load(qweight_ptr + cols[:, None] * stride_q + word_index[None, :], mask=mask, other=0)
+    groups = cols[:, None] * stride_s + (word_index // (GROUP // 8))[None, :]
+    return packed, tl.load(scales_ptr + groups, mask=mask, other=0.0), tl.load(zeros_ptr + groups, mask=mask, other=0)
+
+
+@triton.jit
 def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n, K, stride_xm, stride_q, stride_s,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """sum_k x[row, k] W[cols, k] on CUDA cores, fp32 -> [BLOCK_N]."""
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """sum_k x[row, k] W[cols, k] on CUDA cores, fp32 -> [BLOCK_N].
+
+    With PREFETCH the next step's weights are requested before this step's arithmetic, so
+    memory latency overlaps compute (the loop's loads are not pipelined by Triton otherwise)."""
     words = tl.arange(0, BLOCK_K // 8)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 8), tl.float32)
+    if PREFETCH:
+        packed, scale, zero = _gemv_step_weights(qweight_ptr, scales_ptr, zeros_ptr, cols, mask_n[:, None], words,
+                                                 stride_q, stride_s, GROUP)
     for k0 in range(0, K, BLOCK_K):
         word_index = k0 // 8 + words  # [BLOCK_K / 8]
-        packed = tl.load(qweight_ptr + cols[:, None] * stride_q + word_index[None, :], mask=mask_n[:, None], other=0)
-        groups = cols[:, None] * stride_s + (word_index // (GROUP // 8))[None, :]
-        scale = tl.load(scales_ptr + groups, mask=mask_n[:, None], other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + groups, mask=mask_n[:, None], other=0).to(tl.float32) + 128.0
+        if PREFETCH:
+            following = _gemv_step_weights(qweight_ptr, scales_ptr, zeros_ptr, cols,
+                                           mask_n[:, None] & (k0 + BLOCK_K < K), word_index + BLOCK_K // 8,
+                                           stride_q, stride_s, GROUP)
+        else:
+            packed, scale, zero = _gemv_step_weights(qweight_ptr, scales_ptr, zeros_ptr, cols, mask_n[:, None],
+                                                     word_index, stride_q, stride_s, GROUP)
         partial = tl.zeros((BLOCK_N, BLOCK_K // 8), tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), tl.float32)
         for j in tl.static_range(8):
             x = tl.load(x_ptr + row * stride_xm + _input_of(word_index, j)).to(tl.float32)  # [BLOCK_K / 8]
             x_sum += x
             partial += _offset_values(packed, j) * x[None, :]
-        acc += scale * (partial - zero * x_sum[None, :])  # x . (q - z) s = s (x . (128 + q) - (128 + z) sum x)
+        # x . (q - z) s = s (x . (128 + q) - (128 + z) sum x)
+        acc += scale.to(tl.float32) * (partial - (zero.to(tl.float32) + 128.0) * x_sum[None, :])
+        if PREFETCH:
+            packed, scale, zero = following
     return tl.sum(acc, axis=1)
 
 
@@ -68,17 +89,17 @@ def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n
 def _int4_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, residual_ptr,
     N, K, up_offset, stride_xm, stride_om, stride_rm, stride_q, stride_s,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
-    ADD_RESIDUAL: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
 ):
     row = tl.program_id(0)  # fastest-varying: the rows of one weight tile run together and share it in L2
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < N
     out = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n, K, stride_xm, stride_q,
-                          stride_s, GROUP, BLOCK_N, BLOCK_K)
+                          stride_s, GROUP, BLOCK_N, BLOCK_K, PREFETCH)
     if GATED:
         up = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols + up_offset, mask_n, K, stride_xm,
-                             stride_q, stride_s, GROUP, BLOCK_N, BLOCK_K)
+                             stride_q, stride_s, GROUP, BLOCK_N, BLOCK_K, PREFETCH)
         out = out * tl.sigmoid(out) * up
     if ADD_RESIDUAL:
         out += tl.load(residual_ptr + row * stride_rm + cols, mask=mask_n, other=0.0).to(tl.float32)
@@ -166,6 +187,7 @@ class GemvConfig:  # CUDA cores; one program per (input row, BLOCK_N outputs)
     block_k: int
     num_warps: int
     num_stages: int
+    prefetch: bool = True
 
 
 @dataclass(frozen=True)
@@ -181,8 +203,8 @@ class DotConfig:  # tensor cores; one program per (BLOCK_M rows, BLOCK_N outputs
 # extra pass costs little). Configs chosen by measurement on an H100 (benchmarks/int4_kernels.py --sweep).
 GEMV_MAX_ROWS = 4
 DOT_MAX_ROWS = 128
-GEMV_CONFIG = GemvConfig(8, 512, 4, 3)
-DOT_CONFIGS = {16: DotConfig(16, 32, 2, 4), 64: DotConfig(64, 32, 4, 4), 128: DotConfig(64, 64, 4, 3)}
+GEMV_CONFIG = GemvConfig(8, 1024, 4, 1)
+DOT_CONFIGS = {16: DotConfig(16, 16, 2, 4), 64: DotConfig(64, 64, 4, 3), 128: DotConfig(64, 64, 4, 3)}
 
 
 def kernel_config(rows: int, group_size: int = 128) -> GemvConfig | DotConfig | None:
@@ -220,7 +242,7 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
     if isinstance(config, GemvConfig):
         block_k = min(config.block_k, k & -k)  # the largest power of two dividing K (K = 576: 64)
         _int4_gemv_kernel[(m, triton.cdiv(n, config.block_n))](
-            *tensors, n, k, n, *strides, BLOCK_N=config.block_n, BLOCK_K=block_k, **common)
+            *tensors, n, k, n, *strides, BLOCK_N=config.block_n, BLOCK_K=block_k, PREFETCH=config.prefetch, **common)
     else:
         _int4_matmul_kernel[(triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))](
             *tensors, m, n, k, n, *strides, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common)

@@ -122,7 +122,9 @@ class ModelRunner:
         lengths.fill_(1)
         tables.fill_(self.scratch_block)
         meta = AttentionMetadata(False, slots, lengths, tables, [])
-        last_index = torch.arange(bucket, dtype=torch.long, device=self.device)
+        # Kept in `static`: the graph reads these tensors' memory on every replay, so they must
+        # outlive this function (a freed one would be reused by the allocator under the graph).
+        last_index = static["last_index"] = torch.arange(bucket, dtype=torch.long, device=self.device)
 
         def forward() -> torch.Tensor:
             return self.model(input_ids, positions, meta, last_index)

@@ -183,6 +183,8 @@ def test_a_captured_decode_step_gives_the_eager_logits(quantize):
         seq.token_ids.append(7)
         manager.may_append(seq)
     eager = runner.logits(seqs, False)
+    runner._decode_with_graph(seqs)  # captures
+    poison_allocator()  # memory the graph reads must not have been handed back to the allocator
     graphed, greedy = runner._decode_with_graph(seqs)
     assert relative_error(graphed, eager) < 1e-2
     assert torch.equal(greedy, eager.argmax(-1))
