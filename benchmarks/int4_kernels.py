@@ -108,8 +108,7 @@ def measure(rows_list, sweep: bool) -> None:
 def candidate_configs(rows: int):
     configs = []
     if rows <= 4:
-        configs += [GemvConfig(*c) for c in itertools.product([4, 8, 16], [512, 1024, 2048], [4, 8], [1, 3], [True])]
-        configs += [GemvConfig(8, 1024, 4, 3, False), GemvConfig(4, 2048, 4, 3, False)]
+        configs += [GemvConfig(*c) for c in itertools.product([4, 8, 16], [512, 1024, 2048], [4, 8], [2, 3, 4])]
     if rows >= 4:
         block_m = 16 if rows <= 16 else 64
         configs += [DotConfig(block_m, *c) for c in itertools.product([16, 32, 64], [2, 4], [2, 3, 4])]

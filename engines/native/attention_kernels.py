@@ -4,8 +4,9 @@ Cache layout: [blocks, block_size, kv_heads, head_dim]; a sequence's block table
 blocks in order, so token position p lives in block table[p // block_size], slot p % block_size.
 
 - paged_decode_attention: one query per sequence; one program per (sequence, KV head), which
-  serves all the query heads of that KV head (GQA) and reads only the sequence's own blocks up
-  to its context length (so a block table padded for CUDA graphs costs nothing).
+  serves all the query heads of that KV head (GQA, padded to 16 rows for the tensor cores) and
+  reads only the sequence's own blocks up to its context length (so a block table padded for
+  CUDA graphs costs nothing), 64 keys per step so that few steps run one after another.
 - paged_prefill_attention: variable-length prompts in one launch, flash-attention style: one
   program per (sequence, BLOCK_M queries, head); keys stream from the cache in BLOCK_N tiles
   up to the causal limit, with a running max and sum.
@@ -25,34 +26,34 @@ def _paged_decode_kernel(
     stride_cache_block, stride_cache_slot, stride_cache_head,  # cache: [blocks, block_size, kv_heads, d]
     stride_table_seq,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
-    heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)  # the query heads this KV head serves
+    heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)  # the query heads this KV head serves (padded to 16)
     head_mask = tl.arange(0, GROUP_PAD) < GROUP
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
-                mask=head_mask[:, None], other=0.0).to(tl.float32)  # [GROUP_PAD, D]
+                mask=head_mask[:, None], other=0.0)  # [GROUP_PAD, D]
     running_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     running_sum = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-    slots = tl.arange(0, BLOCK_SIZE)
-    num_blocks = (context_len + BLOCK_SIZE - 1) // BLOCK_SIZE
-    for index in range(0, num_blocks):
-        block = tl.load(block_tables_ptr + seq * stride_table_seq + index)
-        base = block * stride_cache_block + kv_head * stride_cache_head
-        offsets = base + slots[:, None] * stride_cache_slot + dims[None, :]
-        valid = index * BLOCK_SIZE + slots < context_len
-        k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)  # [BS, D]
-        v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, BS]
-        scores = tl.where(valid[None, :], scores, float("-inf"))
+    for start in range(0, context_len, TILE):  # TILE keys (several cache blocks) per step
+        keys = start + tl.arange(0, TILE)
+        key_mask = keys < context_len
+        blocks = tl.load(block_tables_ptr + seq * stride_table_seq + keys // BLOCK_SIZE, mask=key_mask, other=0)
+        offsets = (blocks * stride_cache_block + (keys % BLOCK_SIZE) * stride_cache_slot
+                   + kv_head * stride_cache_head)
+        k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)  # [TILE, D]
+        v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, TILE] fp32
+        scores = tl.where(key_mask[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         correction = tl.exp(running_max - new_max)
         weights = tl.exp(scores - new_max[:, None])
         running_sum = running_sum * correction + tl.sum(weights, axis=1)
-        acc = acc * correction[:, None] + tl.sum(weights[:, :, None] * v[None, :, :], axis=1)
+        acc = acc * correction[:, None] + tl.dot(weights.to(v.dtype), v)
         running_max = new_max
     out = acc / running_sum[:, None]
     tl.store(out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :],
@@ -68,9 +69,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty((seqs, heads, head_dim), dtype=q.dtype, device=q.device)
     _paged_decode_kernel[(seqs, kv_heads)](
         q, k_cache, v_cache, out, block_tables, context_lens, scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        num_warps=4,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        TILE=64, num_warps=4, num_stages=3,
     )
     return out
 

@@ -53,25 +53,14 @@ def _gemv_step_weights(qweight_ptr, scales_ptr, zeros_ptr, cols, mask, word_inde
 
 @triton.jit
 def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n, K, stride_xm, stride_q, stride_s,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
-    """sum_k x[row, k] W[cols, k] on CUDA cores, fp32 -> [BLOCK_N].
-
-    With PREFETCH the next step's weights are requested before this step's arithmetic, so
-    memory latency overlaps compute (the loop's loads are not pipelined by Triton otherwise)."""
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k x[row, k] W[cols, k] on CUDA cores, fp32 -> [BLOCK_N]."""
     words = tl.arange(0, BLOCK_K // 8)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 8), tl.float32)
-    if PREFETCH:
-        packed, scale, zero = _gemv_step_weights(qweight_ptr, scales_ptr, zeros_ptr, cols, mask_n[:, None], words,
-                                                 stride_q, stride_s, GROUP)
     for k0 in range(0, K, BLOCK_K):
         word_index = k0 // 8 + words  # [BLOCK_K / 8]
-        if PREFETCH:
-            following = _gemv_step_weights(qweight_ptr, scales_ptr, zeros_ptr, cols,
-                                           mask_n[:, None] & (k0 + BLOCK_K < K), word_index + BLOCK_K // 8,
-                                           stride_q, stride_s, GROUP)
-        else:
-            packed, scale, zero = _gemv_step_weights(qweight_ptr, scales_ptr, zeros_ptr, cols, mask_n[:, None],
-                                                     word_index, stride_q, stride_s, GROUP)
+        packed, scale, zero = _gemv_step_weights(qweight_ptr, scales_ptr, zeros_ptr, cols, mask_n[:, None],
+                                                 word_index, stride_q, stride_s, GROUP)
         partial = tl.zeros((BLOCK_N, BLOCK_K // 8), tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), tl.float32)
         for j in tl.static_range(8):
@@ -80,8 +69,6 @@ def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n
             partial += _offset_values(packed, j) * x[None, :]
         # x . (q - z) s = s (x . (128 + q) - (128 + z) sum x)
         acc += scale.to(tl.float32) * (partial - (zero.to(tl.float32) + 128.0) * x_sum[None, :])
-        if PREFETCH:
-            packed, scale, zero = following
     return tl.sum(acc, axis=1)
 
 
@@ -89,17 +76,17 @@ def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n
 def _int4_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, residual_ptr,
     N, K, up_offset, stride_xm, stride_om, stride_rm, stride_q, stride_s,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
 ):
     row = tl.program_id(0)  # fastest-varying: the rows of one weight tile run together and share it in L2
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < N
     out = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n, K, stride_xm, stride_q,
-                          stride_s, GROUP, BLOCK_N, BLOCK_K, PREFETCH)
+                          stride_s, GROUP, BLOCK_N, BLOCK_K)
     if GATED:
         up = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols + up_offset, mask_n, K, stride_xm,
-                             stride_q, stride_s, GROUP, BLOCK_N, BLOCK_K, PREFETCH)
+                             stride_q, stride_s, GROUP, BLOCK_N, BLOCK_K)
         out = out * tl.sigmoid(out) * up
     if ADD_RESIDUAL:
         out += tl.load(residual_ptr + row * stride_rm + cols, mask=mask_n, other=0.0).to(tl.float32)
@@ -187,7 +174,6 @@ class GemvConfig:  # CUDA cores; one program per (input row, BLOCK_N outputs)
     block_k: int
     num_warps: int
     num_stages: int
-    prefetch: bool = True
 
 
 @dataclass(frozen=True)
@@ -203,7 +189,7 @@ class DotConfig:  # tensor cores; one program per (BLOCK_M rows, BLOCK_N outputs
 # extra pass costs little). Configs chosen by measurement on an H100 (benchmarks/int4_kernels.py --sweep).
 GEMV_MAX_ROWS = 4
 DOT_MAX_ROWS = 128
-GEMV_CONFIG = GemvConfig(8, 1024, 4, 1)
+GEMV_CONFIG = GemvConfig(8, 1024, 4, 3)
 DOT_CONFIGS = {16: DotConfig(16, 16, 2, 4), 64: DotConfig(64, 64, 4, 3), 128: DotConfig(64, 64, 4, 3)}
 
 
@@ -242,7 +228,7 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
     if isinstance(config, GemvConfig):
         block_k = min(config.block_k, k & -k)  # the largest power of two dividing K (K = 576: 64)
         _int4_gemv_kernel[(m, triton.cdiv(n, config.block_n))](
-            *tensors, n, k, n, *strides, BLOCK_N=config.block_n, BLOCK_K=block_k, PREFETCH=config.prefetch, **common)
+            *tensors, n, k, n, *strides, BLOCK_N=config.block_n, BLOCK_K=block_k, **common)
     else:
         _int4_matmul_kernel[(triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))](
             *tensors, m, n, k, n, *strides, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common)
