@@ -121,7 +121,8 @@ def native_rows(label: str, runner: ModelRunner, bandwidth: float, prompt_len: i
     return rows, rate
 
 
-def transformers_rows(state, shape: str, runner: ModelRunner, prompt_len: int, new_tokens: int, static: bool):
+def transformers_rows(rows: list[str], state, shape: str, runner: ModelRunner, prompt_len: int, new_tokens: int,
+                      static: bool) -> None:
     from transformers import GenerationConfig
     from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM as HFLlama
@@ -138,7 +139,6 @@ def transformers_rows(state, shape: str, runner: ModelRunner, prompt_len: int, n
     hf.load_state_dict(state, strict=False, assign=True)  # shares the tensors: no second copy
     hf = hf.to(device="cuda", dtype=torch.bfloat16).eval()
     hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config, device="cuda")  # buffers left on meta
-    rows = []
     prompt = prompts(1, prompt_len, c.vocab_size, seed=1)[0]
     seq = Sequence("check", list(prompt), SamplingParams(max_tokens=32, temperature=0))
     manager = BlockManager(runner.num_blocks, runner.config.block_size)
@@ -191,46 +191,50 @@ def transformers_rows(state, shape: str, runner: ModelRunner, prompt_len: int, n
             rows.append(f"transformers generate_batch, {batch} requests: failed ({type(error).__name__}: {error})"[:300])
     del hf
     torch.cuda.empty_cache()
-    return rows
+
+
+class Table(list):
+    """Rows that are also printed as they come, so a run cut short still reports what it measured."""
+
+    def append(self, row: str) -> None:
+        print(row, flush=True)
+        super().append(row)
+
+    def __iadd__(self, rows):
+        for row in rows:
+            self.append(row)
+        return self
 
 
 def main(shape: str, prompt_len: int, new_tokens: int, quick: bool, static: bool) -> None:
     bandwidth = copy_bandwidth_gbs()
-    rows = [f"device copy bandwidth {bandwidth:.0f} GB/s"]
+    rows = Table([f"device copy bandwidth {bandwidth:.0f} GB/s"])
     kv_tokens = max(CONCURRENCY) * (prompt_len + new_tokens + 16) + 4096
     state = random_state(NAMED_SHAPES[shape], "cuda", torch.bfloat16)
     runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, kv_cache_tokens=kv_tokens), shape=shape, state=state)
+    rows += native_rows("native bf16", runner, bandwidth, prompt_len, new_tokens)[0]
+    check = prompts(1, prompt_len, runner.model_config.vocab_size, seed=3)[0]
+    reference_logits = logits_of(runner, check)
+    quantized = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, kv_cache_tokens=kv_tokens, quantize="int4"),
+                            shape=shape, state=state)
+    relative = ((logits_of(quantized, check) - reference_logits).norm() / reference_logits.norm()).item()
+    rows.append(f"INT4 (RTN g128) prefill logits vs bf16: relative error {relative:.2e} (random weights)")
+    rows += native_rows("native int4", quantized, bandwidth, prompt_len, new_tokens)[0]
+    del quantized
+    torch.cuda.empty_cache()
+    for quantize in (None, "int4"):
+        small = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, kv_cache_tokens=8192, quantize=quantize),
+                            shape="smollm2-135m")
+        rows += native_rows(f"smollm2-135m {quantize or 'bf16'}", small, bandwidth, prompt_len, new_tokens,
+                            concurrency=(), ttft=False)[0]
+        del small
     if not quick:
-        rows += transformers_rows(state, shape, runner, prompt_len, new_tokens, static)
         runner.use_graphs = False
         run_batch(runner, 1, prompt_len, 4)
         rate, _, _, _ = run_batch(runner, 1, prompt_len, 64)
         rows.append(f"native bf16, batch 1, eager (no CUDA graphs): {rate:8.1f} tok/s")
         runner.use_graphs = True
-    bf16_rows, _ = native_rows("native bf16", runner, bandwidth, prompt_len, new_tokens)
-    rows += bf16_rows
-    check = prompts(1, prompt_len, runner.model_config.vocab_size, seed=3)[0]
-    reference_logits = logits_of(runner, check)
-    del runner
-    torch.cuda.empty_cache()
-    runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, kv_cache_tokens=kv_tokens, quantize="int4"),
-                         shape=shape, state=state)
-    del state
-    torch.cuda.empty_cache()
-    int4_logits = logits_of(runner, check)
-    relative = ((int4_logits - reference_logits).norm() / reference_logits.norm()).item()
-    rows.append(f"INT4 (RTN g128) prefill logits vs bf16: relative error {relative:.2e}")
-    int4_rows, _ = native_rows("native int4", runner, bandwidth, prompt_len, new_tokens)
-    rows += int4_rows
-    del runner
-    torch.cuda.empty_cache()
-    for quantize in (None, "int4"):
-        small = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, kv_cache_tokens=8192, quantize=quantize),
-                            shape="smollm2-135m")
-        small_rows, _ = native_rows(f"smollm2-135m {quantize or 'bf16'}", small, bandwidth, prompt_len, new_tokens,
-                                    concurrency=(), ttft=False)
-        rows += small_rows
-        del small
+        transformers_rows(rows, state, shape, runner, prompt_len, new_tokens, static)
     print("\n".join(["", f"{torch.cuda.get_device_name()} | {shape}, random weights, prompt {prompt_len}, "
                          f"{new_tokens} new tokens, greedy"] + rows))
 
