@@ -137,8 +137,11 @@ def transformers_rows(rows: list[str], state, shape: str, runner: ModelRunner, p
     with torch.device("meta"):
         hf = HFLlama(hf_config)
     hf.load_state_dict(state, strict=False, assign=True)  # shares the tensors: no second copy
-    hf = hf.to(device="cuda", dtype=torch.bfloat16).eval()
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config, device="cuda")  # buffers left on meta
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config, device="cuda")  # its buffers were left on meta
+    hf.eval()
+    on_meta = [name for name, tensor in list(hf.named_parameters()) + list(hf.named_buffers()) if tensor.is_meta]
+    if on_meta:
+        raise RuntimeError(f"transformers model still has meta tensors: {on_meta[:5]}")
     prompt = prompts(1, prompt_len, c.vocab_size, seed=1)[0]
     seq = Sequence("check", list(prompt), SamplingParams(max_tokens=32, temperature=0))
     manager = BlockManager(runner.num_blocks, runner.config.block_size)
