@@ -121,6 +121,19 @@ def native_rows(label: str, runner: ModelRunner, bandwidth: float, prompt_len: i
     return rows, rate
 
 
+def generate_rate(hf, input_ids: torch.Tensor, new_tokens: int, cache: str) -> str:
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+    with torch.no_grad():
+        # The first call compiles (static cache) and warms up; the second is timed.
+        hf.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        hf.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+        torch.cuda.synchronize()
+    rate = new_tokens / (time.perf_counter() - started)
+    return f"transformers {cache} cache, batch 1: {rate:8.1f} tok/s (prefill included)"
+
+
 def transformers_rows(rows: list[str], state, shape: str, runner: ModelRunner, prompt_len: int, new_tokens: int,
                       static: bool) -> None:
     from transformers import GenerationConfig
@@ -157,18 +170,7 @@ def transformers_rows(rows: list[str], state, shape: str, runner: ModelRunner, p
     agree = next((i for i, (a, b) in enumerate(zip(hf_tokens, native_tokens)) if a != b), len(hf_tokens))
     rows.append(f"bf16 prefill logits vs transformers: relative error {relative:.2e}, top-1 equal: "
                 f"{bool(ours.argmax() == theirs.argmax())}; greedy: first {agree}/32 tokens identical")
-    caches = ("dynamic", "static") if static else ("dynamic",)
-    for cache in caches:
-        kwargs = {"cache_implementation": "static"} if cache == "static" else {}
-        with torch.no_grad():
-            # The first call compiles (static cache) and warms up; the second is timed.
-            hf.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            hf.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
-            torch.cuda.synchronize()
-        rows.append(f"transformers {cache} cache, batch 1: {new_tokens / (time.perf_counter() - started):8.1f} tok/s "
-                    "(prefill included)")
+    rows.append(generate_rate(hf, input_ids, new_tokens, "dynamic"))
     for implementation in ("paged|sdpa", "sdpa_paged"):
         try:
             hf.set_attn_implementation(implementation)
@@ -192,6 +194,9 @@ def transformers_rows(rows: list[str], state, shape: str, runner: ModelRunner, p
                         f"{generated / elapsed:8.1f} output tok/s with prefill")
         except Exception as error:  # noqa: BLE001 - report, keep benchmarking
             rows.append(f"transformers generate_batch, {batch} requests: failed ({type(error).__name__}: {error})"[:300])
+    hf.set_attn_implementation("sdpa")
+    if static:
+        rows.append(generate_rate(hf, input_ids, new_tokens, "static"))
     del hf
     torch.cuda.empty_cache()
 
