@@ -111,7 +111,8 @@ def candidate_configs(rows: int):
         configs += [GemvConfig(*c) for c in itertools.product([4, 8, 16], [512, 1024, 2048], [4, 8], [2, 3, 4])]
     if rows >= 4:
         block_m = 16 if rows <= 16 else 64
-        configs += [DotConfig(block_m, *c) for c in itertools.product([16, 32, 64], [2, 4], [2, 3, 4])]
+        configs += [DotConfig(block_m, *c) for c in itertools.product([16, 32, 64], [4], [3], [False])]
+        configs += [DotConfig(block_m, *c) for c in itertools.product([64, 128], [4, 8], [2, 3, 4], [True])]
     configs.append(None)  # dequantize + cuBLAS
     return configs
 

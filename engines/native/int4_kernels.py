@@ -95,24 +95,44 @@ def _int4_gemv_kernel(
 
 @triton.jit
 def _int4_dot_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, rows_m, mask_m, cols, mask_n, K, stride_xm, stride_q,
-                   stride_s, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """x[rows_m] . W[cols]^T on tensor cores, one group per K step -> [BLOCK_M, BLOCK_N] fp32."""
+                   stride_s, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   WEIGHTS_FIRST: tl.constexpr):
+    """x[rows_m] . W[cols]^T on tensor cores, one group per K step -> [BLOCK_M, BLOCK_N] fp32.
+
+    WEIGHTS_FIRST computes the transpose, W . x^T, so that the unpacked weights (made in
+    registers) are the first operand, which Hopper's tensor cores read from registers; as the
+    second operand they would take a trip through shared memory every step."""
     words = tl.arange(0, GROUP // 8)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if WEIGHTS_FIRST:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, GROUP):
         packed = tl.load(qweight_ptr + cols[:, None] * stride_q + (k0 // 8 + words)[None, :],
                          mask=mask_n[:, None], other=0)  # [BLOCK_N, GROUP / 8]
-        partial = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        if WEIGHTS_FIRST:
+            partial = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        else:
+            partial = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         x_sum = tl.zeros((BLOCK_M,), tl.float32)
         for j in tl.static_range(8):  # the j-th value of every word
             x = tl.load(x_ptr + rows_m[:, None] * stride_xm + _input_of(k0 // 8 + words, j)[None, :],
                         mask=mask_m[:, None], other=0.0)  # [BLOCK_M, GROUP / 8]
             x_sum += tl.sum(x.to(tl.float32), axis=1)
-            partial = tl.dot(x, tl.trans(_offset_values(packed, j).to(x.dtype)), partial)
+            weights = _offset_values(packed, j).to(x.dtype)  # [BLOCK_N, GROUP / 8]
+            if WEIGHTS_FIRST:
+                partial = tl.dot(weights, tl.trans(x), partial)
+            else:
+                partial = tl.dot(x, tl.trans(weights), partial)
         group = k0 // GROUP
         scale = tl.load(scales_ptr + cols * stride_s + group, mask=mask_n, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + cols * stride_s + group, mask=mask_n, other=0).to(tl.float32) + 128.0
-        acc += (partial - x_sum[:, None] * zero[None, :]) * scale[None, :]
+        if WEIGHTS_FIRST:
+            acc += (partial - zero[:, None] * x_sum[None, :]) * scale[:, None]
+        else:
+            acc += (partial - x_sum[:, None] * zero[None, :]) * scale[None, :]
+    if WEIGHTS_FIRST:
+        return tl.trans(acc)
     return acc
 
 
@@ -121,7 +141,7 @@ def _int4_matmul_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, residual_ptr,
     M, N, K, up_offset,  # N: output columns; gated: the up rows start at row `up_offset`
     stride_xm, stride_om, stride_rm, stride_q, stride_s,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
     GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -131,10 +151,10 @@ def _int4_matmul_kernel(
     mask_m = rows_m < M
     mask_n = cols < N
     acc = _int4_dot_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, rows_m, mask_m, cols, mask_n, K, stride_xm,
-                         stride_q, stride_s, GROUP, BLOCK_M, BLOCK_N)
+                         stride_q, stride_s, GROUP, BLOCK_M, BLOCK_N, WEIGHTS_FIRST)
     if GATED:
         up = _int4_dot_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, rows_m, mask_m, cols + up_offset, mask_n, K,
-                            stride_xm, stride_q, stride_s, GROUP, BLOCK_M, BLOCK_N)
+                            stride_xm, stride_q, stride_s, GROUP, BLOCK_M, BLOCK_N, WEIGHTS_FIRST)
         acc = acc * tl.sigmoid(acc) * up
     out_mask = mask_m[:, None] & mask_n[None, :]
     if ADD_RESIDUAL:
@@ -182,6 +202,7 @@ class DotConfig:  # tensor cores; one program per (BLOCK_M rows, BLOCK_N outputs
     block_n: int
     num_warps: int
     num_stages: int
+    weights_first: bool = False
 
 
 # Up to 4 rows: the CUDA-core GEMV; up to 128 rows with groups of 128: tensor cores; beyond (prefill),
@@ -231,5 +252,6 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
             *tensors, n, k, n, *strides, BLOCK_N=config.block_n, BLOCK_K=block_k, **common)
     else:
         _int4_matmul_kernel[(triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))](
-            *tensors, m, n, k, n, *strides, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common)
+            *tensors, m, n, k, n, *strides, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            WEIGHTS_FIRST=config.weights_first, **common)
     return out

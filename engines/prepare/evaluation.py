@@ -25,6 +25,15 @@ def evaluation_text_sha256() -> str:
     return hashlib.sha256(evaluation_text().encode()).hexdigest()
 
 
+def calibration_text() -> str:
+    """Text for activation-aware quantization; separate from the evaluation text, so the gate stays fair."""
+    return (DATA / "calibration.txt").read_text()
+
+
+def calibration_text_sha256() -> str:
+    return hashlib.sha256(calibration_text().encode()).hexdigest()
+
+
 def _windows(token_ids: list[int]) -> list[list[int]]:
     return [token_ids[i:i + WINDOW_TOKENS] for i in range(0, len(token_ids), WINDOW_TOKENS)
             if len(token_ids[i:i + WINDOW_TOKENS]) > 1]

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from engines.prepare.evaluation import calibration_text_sha256
+
 
 @dataclass(frozen=True)
 class Scheme:
@@ -134,6 +136,25 @@ def _evaluate_onnxruntime(artifact: Path, token_ids: list[int]) -> float:
     return perplexity_onnxruntime(artifact, token_ids)
 
 
+def _build_native(checkpoint: Path, out_dir: Path, scheme: Scheme) -> None:
+    from engines.prepare.evaluation import calibration_text
+    from engines.prepare.native_int4 import build_native_int4
+
+    build_native_int4(checkpoint, out_dir, calibration_text() if scheme.algorithm.startswith("awq") else None)
+
+
+def _evaluate_native(artifact: Path, token_ids: list[int]) -> float:
+    from engines.prepare.native_int4 import perplexity_native
+
+    return perplexity_native(artifact, token_ids)
+
+
+def _native(name: str, algorithm: str, threshold: float) -> Target:
+    # Built for CUDA GPUs; evaluated through the engine's reference path on the CPU.
+    return Target(name, "native", "CUDA", Scheme("lowbit-int4", 4, 128, False, algorithm), threshold,
+                  _build_native, _evaluate_native)
+
+
 def _openvino(name: str, device: str, scheme: Scheme, threshold: float, build=build_openvino) -> Target:
     return Target(name, "openvino", device, scheme, threshold, build, _evaluate_openvino)
 
@@ -152,13 +173,16 @@ TARGETS: dict[str, Target] = {
         # INT4 through the onnxruntime-genai builder (MatMulNBits, block 32, accuracy level 4).
         Target("onnxruntime-cpu", "onnxruntime", "CPU", Scheme("onnx", 4, 32, False, "rtn (onnxruntime-genai builder)"),
                1.40, build_onnxruntime, _evaluate_onnxruntime),
+        # lowbit's own INT4 (W4A16, group 128, 64 where a layer's inputs do not divide by 128)
+        # for the native engine: data-free, or with activation-aware scales from the calibration text.
+        _native("native", "rtn", 1.40),
+        _native("native-awq", f"awq (calibration {calibration_text_sha256()[:12]})", 1.20),
     )
 }
 
 # Targets that have their own issues; named here so that users get a clear answer.
 PLANNED: dict[str, str] = {
     "tensorrt-llm": "ModelOpt INT4-AWQ / NVFP4 for TensorRT-LLM",
-    "native": "the native CUDA engine's INT4 format",
 }
 
 

@@ -147,13 +147,16 @@ def test_int4_matmul_matches_dequantize_then_matmul(rows, n, k):
     assert relative_error(int4_matmul(x, weight, gated=True), torch.nn.functional.silu(gate) * up) < 1e-2
 
 
-@pytest.mark.parametrize("path", ["gemv", "tensor cores", "dequantize + cuBLAS"])
+@pytest.mark.parametrize("path", ["gemv", "tensor cores", "tensor cores, weights first", "dequantize + cuBLAS"])
 def test_int4_kernels_unpack_every_value_exactly(path):
     """Scale 1 and zero point 0 with x = identity: the output is the stored integers, exactly."""
     from engines.native.int4_kernels import DOT_CONFIGS, GEMV_CONFIG, int4_matmul
     from engines.native.quantization import Int4Weight, pack_int4
 
-    config = {"gemv": GEMV_CONFIG, "tensor cores": DOT_CONFIGS[128], "dequantize + cuBLAS": None}[path]
+    from engines.native.int4_kernels import DotConfig
+
+    config = {"gemv": GEMV_CONFIG, "tensor cores": DotConfig(64, 64, 4, 3, False),
+              "tensor cores, weights first": DotConfig(64, 64, 4, 3, True), "dequantize + cuBLAS": None}[path]
     n, k = 96, 256
     values = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8)
     weight = Int4Weight(pack_int4(values), torch.ones(n, k // 128, dtype=torch.float16, device="cuda"),
