@@ -21,7 +21,7 @@ from app.text_output import TextOutput
 from engines.base import FinishReason, GenerationChunk, GenerationRequest, SamplingParams
 
 STORY = [{"role": "user", "content": "Write a long story about a robot who learns to paint."}]
-ENGINES = ["openvino-gguf", "openvino-int4-ir", "onnxruntime-int4", "native-cpu"]
+ENGINES = ["openvino-gguf", "openvino-int4-ir", "onnxruntime-int4", "native-cpu", "native-int4-awq-cpu"]
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -38,6 +38,9 @@ def engine(request):
         work.mkdir(exist_ok=True)
         checkpoint = to_checkpoint(describe_source(default_model_path()), work)
         engine = build_engine("native", checkpoint, ("cpu",), {"kv_cache_tokens": 16384})
+    elif request.param == "native-int4-awq-cpu":  # lowbit's INT4 format through the reference path
+        artifact = request.getfixturevalue("prepared")("native-awq")
+        engine = build_engine("native", artifact.path, ("cpu",), {"kv_cache_tokens": 16384})
     else:
         prepared = request.getfixturevalue("prepared")
         target = "openvino-cpu" if request.param == "openvino-int4-ir" else "onnxruntime-cpu"

@@ -126,7 +126,7 @@ def test_the_gate_refuses_a_corrupted_artifact_and_keeps_nothing(out_dir, int8_a
 def test_unknown_and_planned_targets_are_clear_errors(tmp_path):
     with pytest.raises(UnknownTarget, match="not available yet"):
         prepare(default_model_path(), ["tensorrt-llm"], tmp_path)
-    with pytest.raises(UnknownTarget, match="available: openvino-cpu"):
+    with pytest.raises(UnknownTarget, match="available: openvino-cpu.*native-awq"):
         prepare(default_model_path(), ["nonsense"], tmp_path)
 
 
@@ -160,3 +160,41 @@ def test_onnxruntime_artifact_passes_its_gate(prepared):
     manifest = prepared("onnxruntime-cpu").manifest
     assert manifest["engine"] == "onnxruntime" and manifest["quantization"]["group_size"] == 32
     assert manifest["evaluation"]["passed"] and manifest["evaluation"]["ratio"] <= 1.40
+
+
+def test_native_int4_targets_pass_their_gates_and_awq_beats_rtn(prepared):
+    from safetensors import safe_open
+
+    rtn, awq = prepared("native").manifest, prepared("native-awq").manifest
+    for manifest, limit in ((rtn, 1.40), (awq, 1.20)):
+        assert manifest["engine"] == "native" and manifest["device"] == "CUDA"
+        assert manifest["evaluated_on"] == "CPU" and manifest["run_on_target_device"] is False
+        assert manifest["evaluation"]["passed"] and manifest["evaluation"]["ratio"] <= limit
+    assert awq["quantization"]["algorithm"].startswith("awq (calibration ")
+    assert awq["evaluation"]["ratio"] < rtn["evaluation"]["ratio"]  # the calibration pays
+    path = prepared("native-awq").path
+    config = json.loads((path / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "lowbit-int4"
+    with safe_open(str(path / "model.safetensors"), "pt") as tensors:
+        names = set(tensors.keys())
+        qweight = tensors.get_tensor("model.layers.0.mlp.down_proj.qweight")
+    assert "model.layers.0.self_attn.q_proj.weight" not in names and "model.embed_tokens.weight" in names
+    assert str(qweight.dtype) == "torch.int32" and tuple(qweight.shape) == (576, 1536 // 8)
+
+
+def test_native_engine_reports_the_int4_format_of_a_prepared_artifact(prepared):
+    from engines.registry import build_engine
+
+    engine = build_engine("native", prepared("native").path, ("cpu",), {"kv_cache_tokens": 2048})
+    engine.start()
+    try:
+        assert engine.info.quantization == "int4-w4a16" and engine.info.engine == "native"
+        ids = engine.tokenizer.encode(engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}]))
+        request = GenerationRequest("int4", tuple(ids), SamplingParams(max_tokens=8, temperature=0.0))
+
+        async def run():
+            return [token async for chunk in engine.generate(request) for token in chunk.token_ids]
+
+        assert len(asyncio.run(run())) >= 1
+    finally:
+        engine.stop()
