@@ -166,6 +166,17 @@ def transformers_rows(rows: list[str], state, shape: str, runner: ModelRunner, p
         theirs = hf(input_ids).logits[0, -1].float()
         hf_tokens = hf.generate(input_ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, prompt_len:].tolist()
     relative = ((ours - theirs).norm() / theirs.norm()).item()
+    # The noise floor: transformers in bf16 against transformers in fp32 on the same weights.
+    with torch.device("meta"):
+        hf32 = HFLlama(hf_config)
+    hf32.load_state_dict({name: tensor.float() for name, tensor in state.items()}, strict=False, assign=True)
+    hf32.model.rotary_emb = type(hf32.model.rotary_emb)(hf_config, device="cuda")
+    with torch.no_grad():
+        exact = hf32.eval()(input_ids).logits[0, -1].float()
+    del hf32
+    torch.cuda.empty_cache()
+    rows.append(f"prefill logits vs transformers fp32: native bf16 {((ours - exact).norm() / exact.norm()).item():.2e}, "
+                f"transformers bf16 {((theirs - exact).norm() / exact.norm()).item():.2e} (the bf16 noise floor)")
     _, _, _, (native_tokens,) = run_batch(runner, 1, prompt_len, 32, seed=1)
     agree = next((i for i, (a, b) in enumerate(zip(hf_tokens, native_tokens)) if a != b), len(hf_tokens))
     rows.append(f"bf16 prefill logits vs transformers: relative error {relative:.2e}, top-1 equal: "
@@ -230,6 +241,7 @@ def main(shape: str, prompt_len: int, new_tokens: int, quick: bool, static: bool
     rows += native_rows("native int4", quantized, bandwidth, prompt_len, new_tokens)[0]
     del quantized
     torch.cuda.empty_cache()
+    rows.append(int4_kernels_vs_reference(prompt_len))
     for quantize in (None, "int4"):
         small = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, kv_cache_tokens=8192, quantize=quantize),
                             shape="smollm2-135m")
@@ -245,6 +257,20 @@ def main(shape: str, prompt_len: int, new_tokens: int, quick: bool, static: bool
         transformers_rows(rows, state, shape, runner, prompt_len, new_tokens, static)
     print("\n".join(["", f"{torch.cuda.get_device_name()} | {shape}, random weights, prompt {prompt_len}, "
                          f"{new_tokens} new tokens, greedy"] + rows))
+
+
+def int4_kernels_vs_reference(prompt_len: int) -> str:
+    """SmolLM2's shape in INT4: the GPU kernels against the CPU reference path (dequantize, fp32)."""
+    state = random_state(NAMED_SHAPES["smollm2-135m"], "cuda", torch.bfloat16, seed=4)
+    cpu_state = {name: tensor.cpu() for name, tensor in state.items()}
+    gpu = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, 4096, quantize="int4"), shape="smollm2-135m", state=state)
+    cpu = ModelRunner(RunnerConfig("cpu", "float32", 16, 4096, quantize="int4"), shape="smollm2-135m", state=cpu_state)
+    prompt = prompts(1, prompt_len, gpu.model_config.vocab_size, seed=5)[0]
+    expected = logits_of(cpu, prompt)
+    got = logits_of(gpu, prompt).cpu()
+    relative = ((got - expected).norm() / expected.norm()).item()
+    return (f"smollm2-135m INT4, GPU kernels vs CPU reference on the same INT4 weights: prefill logits relative error "
+            f"{relative:.2e}, top-1 equal: {bool(got.argmax() == expected.argmax())}")
 
 
 def logits_of(runner: ModelRunner, prompt: list[int]) -> torch.Tensor:
