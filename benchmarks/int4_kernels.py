@@ -108,8 +108,10 @@ def measure(rows_list, sweep: bool) -> None:
 def candidate_configs(rows: int):
     configs = []
     if rows <= 4:
-        configs += [GemvConfig(*c) for c in itertools.product([4, 8, 16], [512, 1024, 2048], [4, 8], [2, 3, 4])]
+        configs += [GemvConfig(*c) for c in itertools.product([4, 8, 16], [1024, 2048], [4, 8], [3])]
     if rows >= 4:
+        if rows < 16:
+            return configs + [None]
         block_m = 16 if rows <= 16 else 64
         configs += [DotConfig(block_m, *c) for c in itertools.product([16, 32, 64], [4], [3], [False])]
         configs += [DotConfig(block_m, *c) for c in itertools.product([64, 128], [4, 8], [2, 3, 4], [True])]

@@ -43,33 +43,34 @@ def _input_of(word_index, j: tl.constexpr):
 
 
 @triton.jit
-def _gemv_step_weights(qweight_ptr, scales_ptr, zeros_ptr, cols, mask, word_index, stride_q, stride_s,
-                       GROUP: tl.constexpr):
-    """One K step's packed words [BLOCK_N, BLOCK_K / 8] and each word's scale and zero point."""
-    packed = tl.load(qweight_ptr + cols[:, None] * stride_q + word_index[None, :], mask=mask, other=0)
-    groups = cols[:, None] * stride_s + (word_index // (GROUP // 8))[None, :]
-    return packed, tl.load(scales_ptr + groups, mask=mask, other=0.0), tl.load(zeros_ptr + groups, mask=mask, other=0)
-
-
-@triton.jit
 def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n, K, stride_xm, stride_q, stride_s,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """sum_k x[row, k] W[cols, k] on CUDA cores, fp32 -> [BLOCK_N]."""
-    words = tl.arange(0, BLOCK_K // 8)
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 8), tl.float32)
+    """sum_k x[row, k] W[cols, k] on CUDA cores, fp32 -> [BLOCK_N].
+
+    The step's words are a [BLOCK_N, groups, words per group] tile, so a group's scale and zero
+    point are loaded once and broadcast over its words (loading them per word made the L1
+    cache, not DRAM, the bottleneck: 72% L1 against 28% DRAM busy under ncu)."""
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    WORDS: tl.constexpr = GROUP // 8
+    group_ids = tl.arange(0, GROUPS)
+    step_words = group_ids[:, None] * WORDS + tl.arange(0, WORDS)[None, :]  # [GROUPS, WORDS]
+    mask = mask_n[:, None, None]
+    acc = tl.zeros((BLOCK_N, GROUPS, WORDS), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        word_index = k0 // 8 + words  # [BLOCK_K / 8]
-        packed, scale, zero = _gemv_step_weights(qweight_ptr, scales_ptr, zeros_ptr, cols, mask_n[:, None],
-                                                 word_index, stride_q, stride_s, GROUP)
-        partial = tl.zeros((BLOCK_N, BLOCK_K // 8), tl.float32)
-        x_sum = tl.zeros((BLOCK_K // 8,), tl.float32)
+        word_index = k0 // 8 + step_words
+        packed = tl.load(qweight_ptr + cols[:, None, None] * stride_q + word_index[None, :, :], mask=mask, other=0)
+        groups = cols[:, None] * stride_s + (k0 // GROUP + group_ids)[None, :]  # [BLOCK_N, GROUPS]
+        scale = tl.load(scales_ptr + groups, mask=mask_n[:, None], other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + groups, mask=mask_n[:, None], other=0).to(tl.float32) + 128.0
+        partial = tl.zeros((BLOCK_N, GROUPS, WORDS), tl.float32)
+        x_sum = tl.zeros((GROUPS, WORDS), tl.float32)
         for j in tl.static_range(8):
-            x = tl.load(x_ptr + row * stride_xm + _input_of(word_index, j)).to(tl.float32)  # [BLOCK_K / 8]
+            x = tl.load(x_ptr + row * stride_xm + _input_of(word_index, j)).to(tl.float32)  # [GROUPS, WORDS]
             x_sum += x
-            partial += _offset_values(packed, j) * x[None, :]
+            partial += _offset_values(packed, j) * x[None, :, :]
         # x . (q - z) s = s (x . (128 + q) - (128 + z) sum x)
-        acc += scale.to(tl.float32) * (partial - (zero.to(tl.float32) + 128.0) * x_sum[None, :])
-    return tl.sum(acc, axis=1)
+        acc += scale[:, :, None] * (partial - zero[:, :, None] * x_sum[None, :, :])
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
 @triton.jit
