@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_timing import median_replay_ms  # noqa: E402
 from engines.native.int4_kernels import DotConfig, GemvConfig, int4_matmul, kernel_config  # noqa: E402
 from engines.native.quantization import quantize_rtn  # noqa: E402
 
@@ -42,15 +42,7 @@ def graph_time_ms(calls) -> float:
     with torch.cuda.graph(graph):
         for call in calls:
             call()
-    times = []
-    for _ in range(15):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / len(calls))
-    return statistics.median(times)
+    return median_replay_ms(graph) / len(calls)
 
 
 def make_weights(n: int, k: int):

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_timing import median_replay_ms  # noqa: E402
 from engines.base import SamplingParams  # noqa: E402
 from engines.native.block_manager import BlockManager  # noqa: E402
 from engines.native.model import NAMED_SHAPES, random_state  # noqa: E402
@@ -87,15 +88,7 @@ def run_batch(runner: ModelRunner, batch: int, prompt_len: int, new_tokens: int,
 def replay_ms(runner: ModelRunner, bucket: int) -> float:
     """GPU time of one captured decode step alone (no host work between steps)."""
     graph, _ = runner._graphs[bucket]
-    times = []
-    for _ in range(30):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_replay_ms(graph, replays=30)
 
 
 def native_rows(label: str, runner: ModelRunner, bandwidth: float, prompt_len: int, new_tokens: int,

@@ -20,6 +20,26 @@ import triton.language as tl
 
 
 @triton.jit
+def _attend_to_keys(q, k_ptr, v_ptr, table, kv_head, keys, key_mask, visible, scale, running_max, running_sum, acc,
+                    stride_cache_block, stride_cache_slot, stride_cache_head,
+                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """One online-softmax step of queries q [rows, D] over `keys` (positions), read from the cache
+    through the sequence's block table; `visible` [rows, keys] masks what each query may see."""
+    dims = tl.arange(0, HEAD_DIM)
+    blocks = tl.load(table + keys // BLOCK_SIZE, mask=key_mask, other=0)
+    offsets = blocks * stride_cache_block + (keys % BLOCK_SIZE) * stride_cache_slot + kv_head * stride_cache_head
+    k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)  # [keys, D]
+    v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
+    scores = tl.where(visible, tl.dot(q, tl.trans(k)) * scale, float("-inf"))  # [rows, keys] fp32
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    correction = tl.exp(running_max - new_max)
+    weights = tl.exp(scores - new_max[:, None])
+    running_sum = running_sum * correction + tl.sum(weights, axis=1)
+    acc = acc * correction[:, None] + tl.dot(weights.to(v.dtype), v)
+    return new_max, running_sum, acc
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, scale,
     stride_q_seq, stride_q_head, stride_o_seq, stride_o_head,  # q, out: [seqs, heads, head_dim]
@@ -39,22 +59,13 @@ def _paged_decode_kernel(
     running_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     running_sum = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
+    table = block_tables_ptr + seq * stride_table_seq
     for start in range(0, context_len, TILE):  # TILE keys (several cache blocks) per step
         keys = start + tl.arange(0, TILE)
         key_mask = keys < context_len
-        blocks = tl.load(block_tables_ptr + seq * stride_table_seq + keys // BLOCK_SIZE, mask=key_mask, other=0)
-        offsets = (blocks * stride_cache_block + (keys % BLOCK_SIZE) * stride_cache_slot
-                   + kv_head * stride_cache_head)
-        k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)  # [TILE, D]
-        v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, TILE] fp32
-        scores = tl.where(key_mask[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        correction = tl.exp(running_max - new_max)
-        weights = tl.exp(scores - new_max[:, None])
-        running_sum = running_sum * correction + tl.sum(weights, axis=1)
-        acc = acc * correction[:, None] + tl.dot(weights.to(v.dtype), v)
-        running_max = new_max
+        running_max, running_sum, acc = _attend_to_keys(
+            q, k_ptr, v_ptr, table, kv_head, keys, key_mask, key_mask[None, :], scale, running_max, running_sum, acc,
+            stride_cache_block, stride_cache_slot, stride_cache_head, HEAD_DIM, BLOCK_SIZE)
     out = acc / running_sum[:, None]
     tl.store(out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
@@ -105,23 +116,14 @@ def _paged_prefill_kernel(
     running_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     last_key = tl.minimum(context_len, first_position + (query_block + 1) * BLOCK_M)  # causal limit
+    table = block_tables_ptr + seq * stride_table_seq
     for start in range(0, last_key, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_mask = keys < last_key
-        blocks = tl.load(block_tables_ptr + seq * stride_table_seq + keys // BLOCK_SIZE, mask=key_mask, other=0)
-        offsets = (blocks * stride_cache_block + (keys % BLOCK_SIZE) * stride_cache_slot
-                   + kv_head * stride_cache_head)
-        k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)  # [BLOCK_N, D]
-        v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N] fp32
         visible = (keys[None, :] <= positions[:, None]) & key_mask[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        correction = tl.exp(running_max - new_max)
-        weights = tl.exp(scores - new_max[:, None])
-        running_sum = running_sum * correction + tl.sum(weights, axis=1)
-        acc = acc * correction[:, None] + tl.dot(weights.to(v.dtype), v)
-        running_max = new_max
+        running_max, running_sum, acc = _attend_to_keys(
+            q, k_ptr, v_ptr, table, kv_head, keys, key_mask, visible, scale, running_max, running_sum, acc,
+            stride_cache_block, stride_cache_slot, stride_cache_head, HEAD_DIM, BLOCK_SIZE)
     out = acc / running_sum[:, None]
     tl.store(out_ptr + (query_start + rows)[:, None] * stride_o_token + head * stride_o_head + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
