@@ -86,6 +86,7 @@ def default_engine_builder(settings: Settings) -> EngineBuilder:
             "cache_dir": settings.cache_dir,
             "num_workers": settings.onnxruntime_workers,
             "quantization": None if settings.native_quantization == "none" else settings.native_quantization,
+            "prefix_caching": settings.native_prefix_caching,
         }
         return build_engine(spec.engine, model_path, spec.device, options)
 

@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     # --- native engine ----------------------------------------------------------------------
     native_quantization: Literal["none", "int4"] = Field(
         "none", description="native: quantize a dense checkpoint's linear layers to INT4 (RTN) as it loads")
+    native_prefix_caching: bool = Field(True, description="native: reuse the KV cache of prompt prefixes seen before")
 
     # --- logs -----------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")

@@ -43,6 +43,7 @@ class NativeOptions:
     max_num_batched_tokens: int = 8192
     cache_dir: str | None = None  # where a GGUF's converted checkpoint goes
     quantization: str | None = None  # "int4": RTN-quantize a dense checkpoint's linear layers at load
+    prefix_caching: bool = True  # share the KV blocks of prompt prefixes seen before
 
 
 class HFTokenizer:
@@ -105,7 +106,7 @@ class NativeEngine(Engine):
                                           quantize=options.quantization), checkpoint)
         self._tokenizer = HFTokenizer(checkpoint)
         self._scheduler = Scheduler(SchedulerConfig(options.max_num_seqs, options.max_num_batched_tokens),
-                                    BlockManager(runner.num_blocks, options.block_size))
+                                    BlockManager(runner.num_blocks, options.block_size, options.prefix_caching))
         self._info = EngineInfo(
             engine=self.kind, device=options.device.upper(), model_path=str(self._model_path),
             context_length=runner.model_config.max_position_embeddings, quantization=runner.weight_format(),

@@ -86,3 +86,13 @@ def test_seeded_sampling_is_reproducible_inside_a_batch(engine):
 def test_kv_blocks_are_all_free_when_idle(engine):
     asyncio.run(generate(engine, "blocks", prompt_ids(engine, PROMPTS[0]), 8))
     assert engine.kv_cache_usage() == 0.0
+
+
+def test_a_repeated_prompt_reuses_its_cached_prefix_and_answers_the_same(engine):
+    ids = prompt_ids(engine, PROMPTS[1])
+    manager = engine._scheduler.block_manager
+    first = asyncio.run(generate(engine, "prefix-1", ids, 24))
+    before = manager.num_cached_tokens
+    second = asyncio.run(generate(engine, "prefix-2", ids, 24))
+    assert second == first
+    assert manager.num_cached_tokens - before == (len(ids) - 1) // 16 * 16  # every full block but the last token's

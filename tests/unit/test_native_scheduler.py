@@ -122,6 +122,76 @@ def test_no_block_leaks_after_a_thousand_random_requests():
                 finished[s.seq_id] = (reason, s)
     assert len(finished) + len(aborted) == 1000
     assert manager.num_free_blocks == manager.num_blocks  # every block came back
+    assert manager.num_cached_tokens > 0  # the prompts share prefixes (1, 2, 3, ...): blocks were shared
+    assert not any(manager._ref_counts)
     for reason, s in finished.values():
         assert s.num_generated_tokens == s.sampling.max_tokens or reason == "stop"
     assert scheduler.num_preemptions > 0  # the cache was small enough to force some
+
+
+def tokens_seq(seq_id: str, tokens: list[int]) -> Sequence:
+    return Sequence(seq_id, list(tokens), SamplingParams(max_tokens=4, temperature=0))
+
+
+def computed(s: Sequence) -> Sequence:
+    s.num_computed_tokens = s.num_tokens  # as after its prefill step
+    return s
+
+
+def test_a_shared_prefix_shares_full_blocks_and_counts_them_as_computed():
+    manager = BlockManager(num_blocks=16, block_size=4)
+    first = tokens_seq("a", list(range(10)))  # blocks [0..3] [4..7] [8, 9]
+    manager.allocate(first)
+    computed(first)
+    second = tokens_seq("b", list(range(8)) + [99, 98, 97])
+    manager.allocate(second)
+    assert second.block_table[:2] == first.block_table[:2]
+    assert second.block_table[2] not in first.block_table
+    assert second.num_computed_tokens == 8 and manager.num_cached_tokens == 8
+    assert manager.num_free_blocks == 16 - 3 - 1
+    manager.free(second)
+    assert manager.num_free_blocks == 16 - 3  # the shared blocks stay with the first sequence
+    manager.free(first)
+    assert manager.num_free_blocks == 16
+
+
+def test_the_last_token_is_always_computed_even_when_the_whole_prompt_is_cached():
+    manager = BlockManager(num_blocks=8, block_size=4)
+    manager.allocate(computed(first := tokens_seq("a", list(range(8)))))
+    again = tokens_seq("b", list(range(8)))
+    manager.allocate(again)
+    assert again.num_computed_tokens == 4  # block 2 is recomputed for its last token's logits
+    assert again.block_table[0] == first.block_table[0] and again.block_table[1] != first.block_table[1]
+
+
+def test_a_freed_prefix_is_found_again_until_its_blocks_are_reused():
+    manager = BlockManager(num_blocks=6, block_size=4)
+    manager.allocate(first := tokens_seq("a", list(range(9))))
+    computed(first)
+    manager.free(first)
+    again = tokens_seq("b", list(range(9)))
+    assert manager.can_allocate(again)
+    manager.allocate(again)
+    assert again.num_computed_tokens == 8 and manager.num_free_blocks == 3
+    manager.free(again)
+    other = tokens_seq("c", [50 + i for i in range(24)])  # takes every block: the cache is evicted
+    manager.allocate(other)
+    manager.free(other)
+    late = tokens_seq("d", list(range(9)))
+    manager.allocate(late)
+    assert late.num_computed_tokens == 0
+
+
+def test_blocks_of_a_sequence_that_was_never_computed_are_not_shared():
+    manager = BlockManager(num_blocks=8, block_size=4)
+    manager.allocate(failed := tokens_seq("a", list(range(9))))
+    manager.free(failed)  # its step failed: num_computed_tokens never moved
+    manager.allocate(retry := tokens_seq("b", list(range(9))))
+    assert retry.num_computed_tokens == 0
+
+
+def test_prefix_caching_can_be_turned_off():
+    manager = BlockManager(num_blocks=8, block_size=4, prefix_caching=False)
+    manager.allocate(computed(tokens_seq("a", list(range(9)))))
+    manager.allocate(again := tokens_seq("b", list(range(9))))
+    assert again.num_computed_tokens == 0 and manager.num_free_blocks == 2
