@@ -22,7 +22,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 QUANT_METHOD = "lowbit-int4"
 
 
-def build_native_int4(checkpoint: Path, out_dir: Path, calibration_text: str | None, progress=None) -> None:
+def build_native_int4(checkpoint: Path, out_dir: Path, calibration_text: str | None) -> None:
     import torch
     from safetensors.torch import save_file
 

@@ -150,10 +150,8 @@ def test_int4_matmul_matches_dequantize_then_matmul(rows, n, k):
 @pytest.mark.parametrize("path", ["gemv", "tensor cores", "tensor cores, weights first", "dequantize + cuBLAS"])
 def test_int4_kernels_unpack_every_value_exactly(path):
     """Scale 1 and zero point 0 with x = identity: the output is the stored integers, exactly."""
-    from engines.native.int4_kernels import DOT_CONFIGS, GEMV_CONFIG, int4_matmul
+    from engines.native.int4_kernels import GEMV_CONFIG, DotConfig, int4_matmul
     from engines.native.quantization import Int4Weight, pack_int4
-
-    from engines.native.int4_kernels import DotConfig
 
     config = {"gemv": GEMV_CONFIG, "tensor cores": DotConfig(64, 64, 4, 3, False),
               "tensor cores, weights first": DotConfig(64, 64, 4, 3, True), "dequantize + cuBLAS": None}[path]
