@@ -143,3 +143,23 @@ class Engine(abc.ABC):
     def kv_cache_usage(self) -> float | None:
         """Fraction of KV-cache memory in use, if the engine can tell."""
         return None
+
+
+class LoadingEngine(Engine):
+    """An engine whose `start()` sets `_info` and `_tokenizer`; until then both raise EngineNotReady."""
+
+    kind: str
+    _info: EngineInfo | None = None
+    _tokenizer: Tokenizer | None = None
+
+    @property
+    def info(self) -> EngineInfo:
+        if self._info is None:
+            raise EngineNotReady(self.kind, "not started")
+        return self._info
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise EngineNotReady(self.kind, "not started")
+        return self._tokenizer

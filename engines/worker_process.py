@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 
 from engines.base import (
     DeviceAttempt,
-    Engine,
+    LoadingEngine,
     EngineError,
     EngineInfo,
     EngineNotReady,
@@ -101,7 +101,7 @@ def worker_options(options) -> dict:
             for key, value in dataclasses.asdict(options).items()}
 
 
-class ProcessEngine(Engine):
+class ProcessEngine(LoadingEngine):
     """The shared parent side: start, route requests to workers, read tokens, restart."""
 
     kind: str = "process"
@@ -134,18 +134,6 @@ class ProcessEngine(Engine):
         """Describe the loaded engine from the first worker's "loaded" message."""
 
     # --- interface -------------------------------------------------------------------------
-
-    @property
-    def info(self) -> EngineInfo:
-        if self._info is None:
-            raise EngineNotReady(self.kind, "not started")
-        return self._info
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            raise EngineNotReady(self.kind, "not started")
-        return self._tokenizer
 
     def start(self) -> None:
         workers = [WorkerProcess(self.worker_module, self._model_path, self._worker_options())

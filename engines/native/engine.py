@@ -16,7 +16,7 @@ from pathlib import Path
 
 from engines.base import (
     DeviceAttempt,
-    Engine,
+    LoadingEngine,
     EngineError,
     EngineInfo,
     EngineNotReady,
@@ -70,7 +70,7 @@ class HFTokenizer:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
 
-class NativeEngine(Engine):
+class NativeEngine(LoadingEngine):
     kind = "native"
 
     def __init__(self, model_path: str | Path, options: NativeOptions = NativeOptions()):
@@ -83,18 +83,6 @@ class NativeEngine(Engine):
         self._thread: threading.Thread | None = None
         self._healthy = False
         self._scheduler: Scheduler | None = None
-
-    @property
-    def info(self) -> EngineInfo:
-        if self._info is None:
-            raise EngineNotReady(self.kind, "not started")
-        return self._info
-
-    @property
-    def tokenizer(self) -> HFTokenizer:
-        if self._tokenizer is None:
-            raise EngineNotReady(self.kind, "not started")
-        return self._tokenizer
 
     def start(self) -> None:
         from engines.native.model_runner import ModelRunner, RunnerConfig
