@@ -46,35 +46,37 @@ class BlockManager:
             result.append((previous, tokens))
         return result
 
-    def _cache_hits(self, seq: Sequence) -> list[int]:
-        """The blocks holding the sequence's longest cached prefix, in order."""
+    def _cache_hits(self, hashes: list[tuple[int, tuple[int, ...]]]) -> list[int]:
+        """The blocks holding the longest cached prefix of these (hash, tokens) blocks, in order."""
         hits = []
-        for prefix_hash, tokens in self._prefix_hashes(seq):
+        for prefix_hash, tokens in hashes:
             block = self._cached.get(prefix_hash)
             if block is None or self._block_tokens.get(block) != tokens:
                 break
             hits.append(block)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        """Room for every token the sequence has now (its prompt, or prompt + output)."""
-        hits = self._cache_hits(seq)
+    def _has_room(self, seq: Sequence, hits: list[int]) -> bool:
         revived = sum(1 for block in hits if self._ref_counts[block] == 0)  # cached but in the free list
         return seq.num_blocks_needed(self.block_size) - len(hits) + revived <= len(self._free)
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        """Room for every token the sequence has now (its prompt, or prompt + output)."""
+        return self._has_room(seq, self._cache_hits(self._prefix_hashes(seq)))
 
     def allocate(self, seq: Sequence) -> None:
         """Give a sequence with no blocks its block table; shared prefix blocks count as computed."""
         if seq.block_table:
             raise RuntimeError("the sequence already has blocks")
-        if not self.can_allocate(seq):
+        hashes = self._prefix_hashes(seq)  # hashed once: every check below reuses them
+        hits = self._cache_hits(hashes)
+        if not self._has_room(seq, hits):
             raise RuntimeError("not enough free KV blocks; call can_allocate first")
-        hits = self._cache_hits(seq)
         for block in hits:
             if self._ref_counts[block] == 0:
                 del self._free[block]
             self._ref_counts[block] += 1
         seq.block_table = list(hits)
-        hashes = self._prefix_hashes(seq)
         while len(seq.block_table) < seq.num_blocks_needed(self.block_size):
             block = self._take_free_block()
             index = len(seq.block_table)

@@ -32,10 +32,6 @@ class DenseLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [N, K]
 
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if residual is None:
             return F.linear(x, self.weight)
@@ -44,8 +40,8 @@ class DenseLinear(nn.Module):
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(F.linear(x, self.weight))
 
-    def quantized(self, group_size: int | None = None) -> Int4Linear:
-        return Int4Linear(quantize_rtn(self.weight.data, group_size))
+    def quantized(self) -> Int4Linear:
+        return Int4Linear(quantize_rtn(self.weight.data))
 
     def weight_bytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
@@ -62,10 +58,6 @@ class Int4Linear(nn.Module):
     @property
     def int4(self) -> Int4Weight:
         return Int4Weight(self.qweight, self.scales, self.zeros)
-
-    @property
-    def out_features(self) -> int:
-        return self.qweight.shape[0]
 
     def _reference_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self._dequantized is None or self._dequantized.dtype != dtype:

@@ -101,7 +101,8 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [seqs] tokens each sequence attends to (including this step's)
     block_tables: torch.Tensor  # [seqs, max_blocks] block ids, padded with 0
     query_start: list[int]  # prefill: start of each sequence's tokens in the flat batch (+ end)
-    query_start_tensor: torch.Tensor | None = None  # the same on the device (GPU prefill kernel)
+    query_start_tensor: torch.Tensor | None = None  # prefill: the same on the device (GPU prefill kernel)
+    max_query_len: int = 1  # prefill: the most tokens one sequence computes in this step
 
 
 class RMSNorm(nn.Module):
@@ -207,9 +208,8 @@ class Attention(nn.Module):
         rope_and_cache_write(qkv, cos, sin, meta.slot_mapping, self.k_cache, self.v_cache, self.num_heads)
         q = qkv[:, :self.num_heads * self.head_dim].view(qkv.shape[0], self.num_heads, self.head_dim)
         if meta.is_prefill:
-            longest = max(b - a for a, b in zip(meta.query_start, meta.query_start[1:]))
             return paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                           meta.query_start_tensor, longest, scale)
+                                           meta.query_start_tensor, meta.max_query_len, scale)
         return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, scale)
 
 

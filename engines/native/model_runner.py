@@ -171,7 +171,8 @@ class ModelRunner:
             context_lens=torch.tensor([seq.num_tokens for seq in seqs], **as_long),
             block_tables=torch.from_numpy(tables).to(self.device),
             query_start=query_start,
-            query_start_tensor=torch.tensor(query_start, **as_long),
+            query_start_tensor=torch.tensor(query_start, **as_long) if is_prefill else None,
+            max_query_len=max(end - start for start, end in zip(query_start, query_start[1:])),
         )
         return self.model(torch.tensor(input_ids, **as_long), torch.tensor(positions, **as_long), meta,
                           torch.tensor(last_index, **as_long))
