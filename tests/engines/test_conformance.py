@@ -1,8 +1,10 @@
 """One behaviour, every engine: the conformance suite, through the engine interface.
 
-Engines here: OpenVINO on the GGUF, OpenVINO on the INT4 IR, ONNX Runtime GenAI on its
-INT4 model (both from `lowbit prepare`) and the native engine on the CPU (float32 checkpoint). Text handling (stop strings, usage) goes
-through the server's own TextOutput, exactly as a request would.
+Engines here: OpenVINO on the GGUF (continuous batching, and the single-request pipeline an
+NPU uses, run on the CPU), OpenVINO on the INT4 IR, ONNX Runtime GenAI on its INT4 model
+(both from `lowbit prepare`), and the native engine on the CPU (float32 checkpoint, and the
+`native-awq` INT4 artifact). Text handling (stop strings, usage) goes through the server's
+own TextOutput, exactly as a request would.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ from app.text_output import TextOutput
 from engines.base import FinishReason, GenerationChunk, GenerationRequest, SamplingParams
 
 STORY = [{"role": "user", "content": "Write a long story about a robot who learns to paint."}]
-ENGINES = ["openvino-gguf", "openvino-int4-ir", "onnxruntime-int4", "native-cpu", "native-int4-awq-cpu"]
+ENGINES = ["openvino-gguf", "openvino-gguf-single", "openvino-int4-ir", "onnxruntime-int4", "native-cpu", "native-int4-awq-cpu"]
 
 
 @pytest.fixture(scope="module", params=ENGINES)
 def engine(request):
     from engines.registry import build_engine
 
-    if request.param == "openvino-gguf":
-        engine = build_engine("openvino", default_model_path(), ("CPU",), {})
+    if request.param.startswith("openvino-gguf"):
+        pipeline = "single" if request.param.endswith("single") else "auto"
+        engine = build_engine("openvino", default_model_path(), ("CPU",), {"pipeline": pipeline})
     elif request.param == "native-cpu":
         pytest.importorskip("transformers", reason="needs `make install-prepare`")
         from engines.prepare.checkpoint import describe_source, to_checkpoint
@@ -109,14 +112,14 @@ async def test_cancelling_stops_generation_and_the_engine_keeps_serving(engine):
             break
     await stream.aclose()
     after = await collect(engine, "after-cancel", 5)
-    assert len(tokens_of(after)) == 5
+    assert len(tokens_of(after)) == 5 and after[-1].finish_reason == FinishReason.LENGTH
     if hasattr(engine, "_assigned"):
         assert "cancel" not in engine._assigned  # its worker slot was given back
 
 
 async def test_eight_concurrent_requests_complete(engine):
     results = await asyncio.gather(*(collect(engine, f"c{i}", 12) for i in range(8)))
-    assert all(len(tokens_of(chunks)) == 12 for chunks in results)
+    assert all(len(tokens_of(chunks)) == 12 and chunks[-1].finish_reason == FinishReason.LENGTH for chunks in results)
     assert len({tuple(tokens_of(chunks)) for chunks in results}) == 1  # greedy: one answer
 
 

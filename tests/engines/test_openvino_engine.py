@@ -1,7 +1,9 @@
-"""The OpenVINO engine on the real default model, through the engine interface only.
+"""What is particular to the OpenVINO engine, on the real default model, through the engine interface.
 
 Both pipelines are covered on the CPU: continuous batching (CPU/GPU) and the
 single-request pipeline that an NPU uses (its NPU properties cannot be exercised here).
+Behaviour every engine shares (reproducible greedy output, exact max_tokens, closing a
+stream, concurrency, stop strings, usage) is in test_conformance.py, which runs both.
 """
 
 from __future__ import annotations
@@ -44,12 +46,6 @@ async def test_reports_the_device_and_the_failed_devices(engine):
     assert engine.is_healthy()
 
 
-async def test_greedy_output_is_reproducible_and_max_tokens_exact(engine):
-    first, finish = await run(engine, "a", 24)
-    second, _ = await run(engine, "b", 24)
-    assert first == second and len(first) == 24 and finish == FinishReason.LENGTH
-
-
 async def test_seeded_sampling_is_reproducible(engine):
     first, _ = await run(engine, "s1", 16, temperature=1.0, top_p=0.95, top_k=50, seed=7)
     second, _ = await run(engine, "s2", 16, temperature=1.0, top_p=0.95, top_k=50, seed=7)
@@ -62,24 +58,6 @@ async def test_stops_at_end_of_sequence(engine):
         assert tokens[-1] in engine.tokenizer.eos_token_ids
     else:  # a story longer than 200 tokens: then it must have been cut by the limit
         assert len(tokens) == 200
-
-
-async def test_closing_the_stream_aborts_and_the_engine_keeps_serving(engine):
-    stream = engine.generate(GenerationRequest("long", prompt(engine), SamplingParams(max_tokens=2000, temperature=0)))
-    received = 0
-    async for chunk in stream:
-        received += len(chunk.token_ids)
-        if received >= 3:
-            break
-    await stream.aclose()
-    tokens, finish = await run(engine, "after", 5)
-    assert len(tokens) == 5 and finish == FinishReason.LENGTH
-
-
-async def test_eight_concurrent_requests_complete(engine):
-    results = await asyncio.gather(*(run(engine, f"c{i}", 12) for i in range(8)))
-    assert all(len(tokens) == 12 and finish == FinishReason.LENGTH for tokens, finish in results)
-    assert len({tuple(tokens) for tokens, _ in results}) == 1  # greedy: the same answer each time
 
 
 async def test_a_killed_worker_fails_requests_then_comes_back(engine):
