@@ -87,6 +87,7 @@ def default_engine_builder(settings: Settings) -> EngineBuilder:
             "num_workers": settings.onnxruntime_workers,
             "quantization": None if settings.native_quantization == "none" else settings.native_quantization,
             "prefix_caching": settings.native_prefix_caching,
+            "quantize_lm_head": settings.native_quantize_lm_head,
         }
         return build_engine(spec.engine, model_path, spec.device, options)
 

@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     native_quantization: Literal["none", "int4"] = Field(
         "none", description="native: quantize a dense checkpoint's linear layers to INT4 (RTN) as it loads")
     native_prefix_caching: bool = Field(True, description="native: reuse the KV cache of prompt prefixes seen before")
+    native_quantize_lm_head: bool = Field(
+        False, description="native: also quantize the LM head to INT4 (RTN); it stays in bf16 otherwise")
 
     # --- logs -----------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")

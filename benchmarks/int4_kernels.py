@@ -22,11 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_timing import median_replay_ms  # noqa: E402
 from engines.native.int4_kernels import DotConfig, GemvConfig, int4_matmul, kernel_config  # noqa: E402
-from engines.native.quantization import quantize_rtn  # noqa: E402
+from engines.native.quantization import group_size_for, quantize_rtn  # noqa: E402
 
-# (name, N, K, gated) for one Llama-3-8B decoder layer.
-LAYER = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 28672, 4096, True),
-         ("down", 4096, 14336, False)]
+# (name, N, K, gated) for one decoder layer.
+LAYERS = {"llama-3-8b": [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 28672, 4096, True),
+                         ("down", 4096, 14336, False)],
+          "smollm2-135m": [("qkv", 960, 576, False), ("o", 576, 576, False), ("gate_up", 3072, 576, True),
+                           ("down", 576, 1536, False)]}
+LAYER = LAYERS["llama-3-8b"]
 COPIES = 8
 
 
@@ -59,6 +62,7 @@ def int4_bytes(weight, rows: int, gated: bool) -> int:
 def measure(rows_list, sweep: bool) -> None:
     results = {}  # (rows, name) -> (bf16 ms, int4 ms, bytes bf16, bytes int4)
     best_configs = {}
+    group = group_size_for(min(k for _, _, k, _ in LAYER))  # the smallest K sets the group (SmolLM2: 64)
     for name, n, k, gated in LAYER:
         dense, quantized = make_weights(n, k)
         for rows in rows_list:
@@ -68,18 +72,18 @@ def measure(rows_list, sweep: bool) -> None:
             results[rows, name] = (bf16_ms, int4_ms, n * k * 2 + rows * (k + n) * 2,
                                    int4_bytes(quantized[0], rows, gated))
             if sweep:
-                for config in candidate_configs(rows):
+                for config in candidate_configs(rows, quantized[0].group_size):
                     try:
                         ms = graph_time_ms([lambda w=w: int4_matmul(x, w, gated=gated, config=config)
                                             for w in quantized])
                     except Exception as error:  # noqa: BLE001 - a config that does not compile
                         print(f"config {config} failed: {type(error).__name__}: {str(error)[:200]}")
-                        continue
+                        ms = float("inf")  # ranks last
                     best_configs.setdefault(rows, {}).setdefault(config, 0.0)
                     best_configs[rows][config] += ms
         del dense, quantized
         torch.cuda.empty_cache()
-    print(f"\n{torch.cuda.get_device_name()}: matmul effective GB/s (median), Llama-3-8B layer shapes")
+    print(f"\n{torch.cuda.get_device_name()}: matmul effective GB/s (median), one layer's shapes")
     print(f"{'rows':>5} {'matmul':>8} {'N x K':>12} {'bf16 us':>8} {'bf16 GB/s':>10} {'int4 us':>8} "
           f"{'int4 GB/s':>10} {'int4 speedup':>13}")
     for (rows, name), (bf16_ms, int4_ms, bf16_bytes, q_bytes) in results.items():
@@ -90,30 +94,30 @@ def measure(rows_list, sweep: bool) -> None:
         bf16_total = sum(results[rows, name][0] for name, *_ in LAYER)
         int4_total = sum(results[rows, name][1] for name, *_ in LAYER)
         print(f"rows {rows:>3}: one layer's four matmuls: bf16 {bf16_total * 1000:.0f} us, int4 {int4_total * 1000:.0f} us "
-              f"({bf16_total / int4_total:.2f}x); int4 tile config {kernel_config(rows)}")
+              f"({bf16_total / int4_total:.2f}x); int4 tile config {kernel_config(rows, group)}")
     for rows, totals in best_configs.items():
-        ranked = sorted(totals.items(), key=lambda item: item[1])[:3]
+        ranked = sorted(totals.items(), key=lambda item: item[1])[:5]
         print(f"sweep rows {rows:>3}: best " + "; ".join(f"{c} {t * 1000:.0f} us" for c, t in ranked)
-              + f" (current {kernel_config(rows)}: {totals.get(kernel_config(rows), float('nan')) * 1000:.0f} us)")
+              + f" (current {kernel_config(rows, group)}: {totals.get(kernel_config(rows, group), float('nan')) * 1000:.0f} us)")
 
 
-def candidate_configs(rows: int):
-    configs = []
+def candidate_configs(rows: int, group_size: int = 128):
+    """The current choice first, then tiles for the GEMV (up to 4 rows) or the tensor-core kernel."""
+    configs = [kernel_config(rows, group_size)]
     if rows <= 4:
-        configs += [GemvConfig(*c) for c in itertools.product([4, 8, 16], [1024, 2048], [4, 8], [3])]
-    if rows >= 4:
-        if rows < 16:
-            return configs + [None]
+        configs += [GemvConfig(*c) for c in itertools.product([4, 8, 16, 32], [1024], [1, 2, 4], [1])]
+    if group_size >= 128:
         block_m = 16 if rows <= 16 else 64
-        configs += [DotConfig(block_m, *c) for c in itertools.product([16, 32, 64], [4], [3], [False])]
-        configs += [DotConfig(block_m, *c) for c in itertools.product([64, 128], [4, 8], [2, 3, 4], [True])]
-    configs.append(None)  # dequantize + cuBLAS
-    return configs
+        configs += [DotConfig(block_m, block_n, 1, programs, warps, stages)
+                    for block_n, programs, warps, stages in itertools.product([128, 256], [264, 528], [4, 8], [3])]
+    return list(dict.fromkeys(configs))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also try tile configurations")
     parser.add_argument("--rows", default="1,4,16,64")
+    parser.add_argument("--model", default="llama-3-8b", choices=sorted(LAYERS))
     arguments = parser.parse_args()
+    LAYER[:] = LAYERS[arguments.model]
     measure([int(r) for r in arguments.rows.split(",")], arguments.sweep)

@@ -6,7 +6,8 @@ Llama-3-8B shape with random weights (the same weights in every engine), prompt 
 - transformers on the same weights: dynamic cache, static cache, and its own paged continuous
   batching (`generate_batch` with paged sdpa attention) at 8 / 32 / 64 requests;
 - the native engine in bf16 and INT4 (W4A16, RTN at load): batch 1, 8 / 32 / 64 concurrent,
-  time to first token of a 2,048-token prompt; SmolLM2-135M's shape at batch 1.
+  time to first token of a 2,048-token prompt; INT4 with the LM head in INT4 too (batch 1);
+  SmolLM2-135M's shape at batch 1.
 One command:
 
     python benchmarks/native_gpu.py [--quick] [--shape llama-3-8b] [--new-tokens 256]
@@ -233,6 +234,12 @@ def main(shape: str, prompt_len: int, new_tokens: int, quick: bool, static: bool
     rows.append(f"INT4 (RTN g128) prefill logits vs bf16: relative error {relative:.2e} (random weights)")
     rows += native_rows("native int4", quantized, bandwidth, prompt_len, new_tokens)[0]
     del quantized
+    torch.cuda.empty_cache()
+    head = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, kv_cache_tokens=kv_tokens, quantize="int4",
+                                    quantize_lm_head=True), shape=shape, state=state)
+    rows += native_rows("native int4 + INT4 LM head", head, bandwidth, prompt_len, new_tokens, concurrency=(),
+                        ttft=False)[0]
+    del head
     torch.cuda.empty_cache()
     rows.append(int4_kernels_vs_reference(prompt_len))
     for quantize in (None, "int4"):

@@ -15,13 +15,16 @@ gate rows [0, N/2) and the up rows [N/2, N) and writes silu(gate) * up.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
 from engines.native.quantization import Int4Weight
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm there
 
 
 @triton.jit
@@ -43,9 +46,12 @@ def _input_of(word_index, j: tl.constexpr):
 
 
 @triton.jit
-def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n, K, stride_xm, stride_q, stride_s,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """sum_k x[row, k] W[cols, k] on CUDA cores, fp32 -> [BLOCK_N].
+def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, cols, mask_n, K, stride_xm, stride_q,
+                    stride_s, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+    """sum_k x[row, k] W[cols, k] on CUDA cores, fp32 -> ([BLOCK_N], sum_k x[row, k]^2).
+
+    NORM multiplies x by the RMSNorm weight as it loads (the 1 / rms factor, one number per
+    row, is applied to the result by the caller: the program sees the whole row anyway).
 
     The step's words are a [BLOCK_N, groups, words per group] tile, so a group's scale and zero
     point are loaded once and broadcast over its words (loading them per word made the L1
@@ -56,38 +62,53 @@ def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n
     step_words = group_ids[:, None] * WORDS + tl.arange(0, WORDS)[None, :]  # [GROUPS, WORDS]
     mask = mask_n[:, None, None]
     acc = tl.zeros((BLOCK_N, GROUPS, WORDS), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    squares = tl.zeros((GROUPS, WORDS), tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # BLOCK_K may exceed K (SmolLM2's 576 in one step): masked
         word_index = k0 // 8 + step_words
-        packed = tl.load(qweight_ptr + cols[:, None, None] * stride_q + word_index[None, :, :], mask=mask, other=0)
-        groups = cols[:, None] * stride_s + (k0 // GROUP + group_ids)[None, :]  # [BLOCK_N, GROUPS]
-        scale = tl.load(scales_ptr + groups, mask=mask_n[:, None], other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + groups, mask=mask_n[:, None], other=0).to(tl.float32) + 128.0
+        in_k = word_index < K // 8  # [GROUPS, WORDS]
+        packed = tl.load(qweight_ptr + cols[:, None, None] * stride_q + word_index[None, :, :],
+                         mask=mask & in_k[None, :, :], other=0)
+        group_index = k0 // GROUP + group_ids
+        groups = cols[:, None] * stride_s + group_index[None, :]  # [BLOCK_N, GROUPS]
+        group_mask = mask_n[:, None] & (group_index < K // GROUP)[None, :]
+        scale = tl.load(scales_ptr + groups, mask=group_mask, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + groups, mask=group_mask, other=0).to(tl.float32) + 128.0
         partial = tl.zeros((BLOCK_N, GROUPS, WORDS), tl.float32)
         x_sum = tl.zeros((GROUPS, WORDS), tl.float32)
         for j in tl.static_range(8):
-            x = tl.load(x_ptr + row * stride_xm + _input_of(word_index, j)).to(tl.float32)  # [GROUPS, WORDS]
+            inputs = _input_of(word_index, j)
+            x = tl.load(x_ptr + row * stride_xm + inputs, mask=in_k, other=0.0).to(tl.float32)
+            if NORM:
+                squares += x * x
+                x *= tl.load(norm_ptr + inputs, mask=in_k, other=0.0).to(tl.float32)
             x_sum += x
             partial += _offset_values(packed, j) * x[None, :, :]
         # x . (q - z) s = s (x . (128 + q) - (128 + z) sum x)
         acc += scale[:, :, None] * (partial - zero[:, :, None] * x_sum[None, :, :])
-    return tl.sum(tl.sum(acc, axis=2), axis=1)
+    return tl.sum(tl.sum(acc, axis=2), axis=1), tl.sum(tl.sum(squares, axis=1), axis=0)
 
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, residual_ptr,
-    N, K, up_offset, stride_xm, stride_om, stride_rm, stride_q, stride_s,
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, residual_ptr, norm_ptr,
+    N, K, up_offset, stride_xm, stride_om, stride_rm, stride_q, stride_s, eps,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
 ):
+    """NORM: the input is RMSNorm(x) with weight `norm_ptr`, computed here rather than by a
+    kernel of its own (at batch 1 a small model's step is mostly launches)."""
     row = tl.program_id(0)  # fastest-varying: the rows of one weight tile run together and share it in L2
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < N
-    out = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols, mask_n, K, stride_xm, stride_q,
-                          stride_s, GROUP, BLOCK_N, BLOCK_K)
+    out, squares = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, cols, mask_n, K,
+                                   stride_xm, stride_q, stride_s, GROUP, BLOCK_N, BLOCK_K, NORM)
+    if NORM:
+        out *= 1.0 / tl.sqrt(squares / K + eps)
     if GATED:
-        up = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, row, cols + up_offset, mask_n, K, stride_xm,
-                             stride_q, stride_s, GROUP, BLOCK_N, BLOCK_K)
+        up, _ = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, cols + up_offset, mask_n,
+                                K, stride_xm, stride_q, stride_s, GROUP, BLOCK_N, BLOCK_K, NORM)
+        if NORM:
+            up *= 1.0 / tl.sqrt(squares / K + eps)
         out = out * tl.sigmoid(out) * up
     if ADD_RESIDUAL:
         out += tl.load(residual_ptr + row * stride_rm + cols, mask=mask_n, other=0.0).to(tl.float32)
@@ -95,72 +116,182 @@ def _int4_gemv_kernel(
 
 
 @triton.jit
-def _int4_dot_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, rows_m, mask_m, cols, mask_n, K, stride_xm, stride_q,
-                   stride_s, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   WEIGHTS_FIRST: tl.constexpr):
-    """x[rows_m] . W[cols]^T on tensor cores, one group per K step -> [BLOCK_M, BLOCK_N] fp32.
+def _bf16_values(packed):
+    """All eight 4-bit values q of each int32 word as bf16 128 + q, in one inline-asm block per
+    two words: q goes into the low mantissa bits of 128.0 (0x4300), two values per 32-bit
+    register as the tensor cores take them, so a value costs about one integer instruction
+    (a prmt gathers the two words' halves, then one shift and one lop3 per register)."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 lo, hi, t;
+        prmt.b32 lo, $8, $9, 0x5410;
+        prmt.b32 hi, $8, $9, 0x7632;
+        lop3.b32 $0, lo, 0x000f000f, 0x43004300, 0xea;
+        shr.u32 t, lo, 4;
+        lop3.b32 $1, t, 0x000f000f, 0x43004300, 0xea;
+        shr.u32 t, lo, 8;
+        lop3.b32 $2, t, 0x000f000f, 0x43004300, 0xea;
+        shr.u32 t, lo, 12;
+        lop3.b32 $3, t, 0x000f000f, 0x43004300, 0xea;
+        lop3.b32 $4, hi, 0x000f000f, 0x43004300, 0xea;
+        shr.u32 t, hi, 4;
+        lop3.b32 $5, t, 0x000f000f, 0x43004300, 0xea;
+        shr.u32 t, hi, 8;
+        lop3.b32 $6, t, 0x000f000f, 0x43004300, 0xea;
+        shr.u32 t, hi, 12;
+        lop3.b32 $7, t, 0x000f000f, 0x43004300, 0xea;
+        }
+        """,
+        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r",
+        args=[packed], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
 
-    WEIGHTS_FIRST computes the transpose, W . x^T, so that the unpacked weights (made in
-    registers) are the first operand, which Hopper's tensor cores read from registers; as the
-    second operand they would take a trip through shared memory every step."""
-    words = tl.arange(0, GROUP // 8)
-    if WEIGHTS_FIRST:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+
+@triton.jit
+def _values_as(packed, dtype: tl.constexpr, USE_ASM: tl.constexpr):
+    """The eight values of each word, 128 + q, as a tuple of tensors in `dtype` (value j: input 8j + w)."""
+    if USE_ASM:
+        return _bf16_values(packed)
+    return (_offset_values(packed, 0).to(dtype), _offset_values(packed, 1).to(dtype),
+            _offset_values(packed, 2).to(dtype), _offset_values(packed, 3).to(dtype),
+            _offset_values(packed, 4).to(dtype), _offset_values(packed, 5).to(dtype),
+            _offset_values(packed, 6).to(dtype), _offset_values(packed, 7).to(dtype))
+
+
+@triton.jit
+def _load_group(qweight_ptr, cols, mask_n, group, stride_q, GROUP: tl.constexpr):
+    """The words of one quantization group: [BLOCK_N, GROUP / 8] int32, read once (evict first)."""
+    words = group * (GROUP // 8) + tl.arange(0, GROUP // 8)
+    return tl.load(qweight_ptr + cols[:, None] * stride_q + words[None, :], mask=mask_n[:, None], other=0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _int4_mma_group(acc, squares, packed, x_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols, mask_n,
+                    group, stride_xm, stride_s, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr, NORM: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] += W[cols, group] . x[rows_m, group]^T on tensor cores.
+
+    Weights first (W . x^T, the transpose of the product): the unpacked weights are made in
+    registers, and Hopper's tensor cores take the first operand from registers; the small x
+    tile is the one staged through shared memory. Eight dots per group, one per value j of
+    the words, each over the group's GROUP / 8 words."""
+    words = group * (GROUP // 8) + tl.arange(0, GROUP // 8)
+    values = _values_as(packed, x_ptr.dtype.element_ty, USE_ASM)
+    partial = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    x_sum = tl.zeros((BLOCK_M,), tl.float32)
+    for j in tl.static_range(8):
+        inputs = _input_of(words, j)
+        x = tl.load(x_ptr + rows_m[:, None] * stride_xm + inputs[None, :], mask=mask_m[:, None],
+                    other=0.0)  # [BLOCK_M, GROUP / 8]
+        if NORM:  # RMSNorm's weight now, its 1 / rms (per row) on the finished sums
+            squares += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+            x = (x.to(tl.float32) * tl.load(norm_ptr + inputs).to(tl.float32)[None, :]).to(x.dtype)
+        x_sum += tl.sum(x.to(tl.float32), axis=1)
+        partial = tl.dot(values[j], tl.trans(x), partial)
+    scale = tl.load(scales_ptr + cols * stride_s + group, mask=mask_n, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + cols * stride_s + group, mask=mask_n, other=0).to(tl.float32) + 128.0
+    # x . (q - z) s = s (x . (128 + q) - (128 + z) sum x)
+    return acc + (partial - zero[:, None] * x_sum[None, :]) * scale[:, None], squares
+
+
+@triton.jit
+def _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols, mask_n, first_group,
+                   groups, K, eps, stride_xm, stride_q, stride_s, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, USE_ASM: tl.constexpr,
+                   PREFETCH: tl.constexpr, NORM: tl.constexpr):
+    """The [BLOCK_N, BLOCK_M] fp32 product over `groups` groups from `first_group`. PREFETCH
+    issues the next group's weight load before this group's math (the words go to registers,
+    where Triton's own pipelining does not reach). NORM (whole-K programs only): of RMSNorm(x)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    squares = tl.zeros((BLOCK_M,), tl.float32)
+    if PREFETCH:
+        packed_next = _load_group(qweight_ptr, cols, mask_n, first_group, stride_q, GROUP)
+        for step in range(0, groups):
+            packed = packed_next
+            following = first_group + tl.minimum(step + 1, groups - 1)  # the last step reloads itself
+            packed_next = _load_group(qweight_ptr, cols, mask_n, following, stride_q, GROUP)
+            acc, squares = _int4_mma_group(acc, squares, packed, x_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m,
+                                           mask_m, cols, mask_n, first_group + step, stride_xm, stride_s, GROUP,
+                                           BLOCK_M, BLOCK_N, USE_ASM, NORM)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, GROUP):
-        packed = tl.load(qweight_ptr + cols[:, None] * stride_q + (k0 // 8 + words)[None, :],
-                         mask=mask_n[:, None], other=0)  # [BLOCK_N, GROUP / 8]
-        if WEIGHTS_FIRST:
-            partial = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        else:
-            partial = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        x_sum = tl.zeros((BLOCK_M,), tl.float32)
-        for j in tl.static_range(8):  # the j-th value of every word
-            x = tl.load(x_ptr + rows_m[:, None] * stride_xm + _input_of(k0 // 8 + words, j)[None, :],
-                        mask=mask_m[:, None], other=0.0)  # [BLOCK_M, GROUP / 8]
-            x_sum += tl.sum(x.to(tl.float32), axis=1)
-            weights = _offset_values(packed, j).to(x.dtype)  # [BLOCK_N, GROUP / 8]
-            if WEIGHTS_FIRST:
-                partial = tl.dot(weights, tl.trans(x), partial)
-            else:
-                partial = tl.dot(x, tl.trans(weights), partial)
-        group = k0 // GROUP
-        scale = tl.load(scales_ptr + cols * stride_s + group, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + cols * stride_s + group, mask=mask_n, other=0).to(tl.float32) + 128.0
-        if WEIGHTS_FIRST:
-            acc += (partial - zero[:, None] * x_sum[None, :]) * scale[:, None]
-        else:
-            acc += (partial - x_sum[:, None] * zero[None, :]) * scale[None, :]
-    if WEIGHTS_FIRST:
-        return tl.trans(acc)
+        for step in range(0, groups, GROUPS_PER_STEP):
+            for g in tl.static_range(GROUPS_PER_STEP):
+                group = first_group + step + g
+                packed = _load_group(qweight_ptr, cols, mask_n, group, stride_q, GROUP)
+                acc, squares = _int4_mma_group(acc, squares, packed, x_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m,
+                                               mask_m, cols, mask_n, group, stride_xm, stride_s, GROUP, BLOCK_M,
+                                               BLOCK_N, USE_ASM, NORM)
+    if NORM:
+        acc *= (1.0 / tl.sqrt(squares / K + eps))[None, :]
     return acc
 
 
 @triton.jit
-def _int4_matmul_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, residual_ptr,
-    M, N, K, up_offset,  # N: output columns; gated: the up rows start at row `up_offset`
-    stride_xm, stride_om, stride_rm, stride_q, stride_s,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
-    GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+def _store_output(acc, up, out_ptr, residual_ptr, rows_m, mask_m, cols, mask_n, stride_om, stride_rm,
+                  GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+    """The epilogue of a [BLOCK_N, BLOCK_M] tile (transposed): silu(gate) * up, + residual, store."""
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * up
+    mask = mask_n[:, None] & mask_m[None, :]
+    if ADD_RESIDUAL:
+        acc += tl.load(residual_ptr + rows_m[None, :] * stride_rm + cols[:, None], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows_m[None, :] * stride_om + cols[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _int4_mma_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, residual_ptr, workspace_ptr, counters_ptr, norm_ptr,
+    M, N, K, groups, up_offset,  # N: output columns; groups: per K slice; gated: the up rows start at `up_offset`
+    stride_xm, stride_om, stride_rm, stride_q, stride_s, eps,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
 ):
+    """One program per (BLOCK_N outputs, 1/SPLIT_K of K, BLOCK_M rows).
+
+    With SPLIT_K > 1 the K slices of a tile add their fp32 partial sums into a workspace with
+    atomics, and the program that arrives last (a per-tile counter) takes the sum, runs the
+    epilogue and leaves workspace and counter at zero for the next call: split-K in one
+    kernel, so that narrow layers (N = 4096) still fill every SM without a second launch."""
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rows_m < M
     mask_n = cols < N
-    acc = _int4_dot_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, rows_m, mask_m, cols, mask_n, K, stride_xm,
-                         stride_q, stride_s, GROUP, BLOCK_M, BLOCK_N, WEIGHTS_FIRST)
+    acc = _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols, mask_n,
+                         pid_k * groups, groups, K, eps, stride_xm, stride_q, stride_s, GROUP, BLOCK_M, BLOCK_N,
+                         GROUPS_PER_STEP, USE_ASM, PREFETCH, NORM)
+    up = acc
     if GATED:
-        up = _int4_dot_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, rows_m, mask_m, cols + up_offset, mask_n, K,
-                            stride_xm, stride_q, stride_s, GROUP, BLOCK_M, BLOCK_N, WEIGHTS_FIRST)
-        acc = acc * tl.sigmoid(acc) * up
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if ADD_RESIDUAL:
-        acc += tl.load(residual_ptr + rows_m[:, None] * stride_rm + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows_m[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        up = _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols + up_offset,
+                            mask_n, pid_k * groups, groups, K, eps, stride_xm, stride_q, stride_s, GROUP, BLOCK_M,
+                            BLOCK_N, GROUPS_PER_STEP, USE_ASM, PREFETCH, NORM)
+    if SPLIT_K == 1:
+        _store_output(acc, up, out_ptr, residual_ptr, rows_m, mask_m, cols, mask_n, stride_om, stride_rm,
+                      GATED, ADD_RESIDUAL)
+    else:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        TILE_SIZE: tl.constexpr = BLOCK_N * BLOCK_M
+        local = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        partials = workspace_ptr + tile * (2 * TILE_SIZE if GATED else TILE_SIZE) + local
+        tl.atomic_add(partials, acc, sem="relaxed")
+        if GATED:
+            tl.atomic_add(partials + TILE_SIZE, up, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sums are in before the counter moves
+        arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last K slice of this tile: finish it
+            tl.debug_barrier()
+            acc = tl.load(partials, cache_modifier=".cg")  # from L2, where the atomics landed
+            tl.store(partials, tl.zeros((BLOCK_N, BLOCK_M), tl.float32))
+            if GATED:
+                up = tl.load(partials + TILE_SIZE, cache_modifier=".cg")
+                tl.store(partials + TILE_SIZE, tl.zeros((BLOCK_N, BLOCK_M), tl.float32))
+            tl.store(counters_ptr + tile, 0)
+            _store_output(acc, up, out_ptr, residual_ptr, rows_m, mask_m, cols, mask_n, stride_om, stride_rm,
+                          GATED, ADD_RESIDUAL)
 
 
 @triton.jit
@@ -198,41 +329,103 @@ class GemvConfig:  # CUDA cores; one program per (input row, BLOCK_N outputs)
 
 
 @dataclass(frozen=True)
-class DotConfig:  # tensor cores; one program per (BLOCK_M rows, BLOCK_N outputs)
+class DotConfig:  # tensor cores; one program per (BLOCK_M rows, BLOCK_N outputs, K slice)
     block_m: int
     block_n: int
+    groups_per_step: int  # quantization groups per iteration of the K loop
+    programs: int  # split K until about this many programs run (1: never split)
     num_warps: int
     num_stages: int
-    weights_first: bool = False
+    use_asm: bool = True  # unpack with inline PTX (bf16 activations only)
+    prefetch: bool = False  # load the next group's words before this group's math
 
 
-# Up to 4 rows: the CUDA-core GEMV; up to 128 rows with groups of 128: tensor cores; beyond (prefill),
-# or with smaller groups: dequantize into bf16 and let cuBLAS multiply (compute-bound there, so the
-# extra pass costs little). Configs chosen by measurement on an H100 (benchmarks/int4_kernels.py --sweep).
+# Configs chosen by measurement on an H100 (benchmarks/int4_kernels.py --sweep), per Llama-3-8B layer
+# (q/k/v, o, gate/up, down; bf16 cuBLAS takes 166-173 us for any of these row counts):
+# - up to 16 rows, tensor cores with 256-row weight tiles: 83 us at 1 row (the CUDA-core GEMV: 99 us),
+#   90 us at 16 (the first tensor-core kernel: 360 us);
+# - up to 64 rows: 128-row tiles, 212 us (was 405 us);
+# - layers under 4,096 outputs at up to 16 rows: SMALL_N_CONFIG below;
+# - groups of 64 (SmolLM2's K = 576): the GEMV up to 4 rows (the tensor-core kernel gave wrong
+#   sums with 8-word groups on the H100, so it refuses them);
+# - beyond: dequantize into bf16 and let cuBLAS multiply (compute-bound there, the extra pass costs little).
 GEMV_MAX_ROWS = 4
-DOT_MAX_ROWS = 128
-GEMV_CONFIG = GemvConfig(8, 1024, 4, 3)  # 108 us per Llama-3-8B layer; bf16 166 us
-# Measured per Llama-3-8B layer (q/k/v, o, gate/up, down): 16 rows 361 us, 64 rows 405 us weights
-# first against 602 us the other way round; bf16 cuBLAS takes 170 us for either.
-DOT_CONFIGS = {16: DotConfig(16, 16, 2, 4), 64: DotConfig(64, 64, 4, 3, True), 128: DotConfig(64, 64, 4, 3, True)}
+GEMV_CONFIG = GemvConfig(8, 1024, 4, 3)
+DOT_CONFIGS = {16: DotConfig(16, 256, 1, 264, 4, 3), 64: DotConfig(64, 128, 1, 264, 4, 3),
+               128: DotConfig(64, 128, 1, 264, 8, 4)}
+# Small layers (N < 4096) at up to 16 rows: 128-row tiles, more programs.
+SMALL_N, SMALL_N_CONFIG = 4096, DotConfig(16, 128, 1, 528, 4, 3)
 
 
-def kernel_config(rows: int, group_size: int = 128) -> GemvConfig | DotConfig | None:
-    """The kernel and tile for `rows` input rows; None: dequantize and use cuBLAS."""
-    if rows <= GEMV_MAX_ROWS:
-        return GEMV_CONFIG
-    if rows > DOT_MAX_ROWS or group_size < 128:
-        return None
-    return next(config for limit, config in DOT_CONFIGS.items() if rows <= limit)
+def kernel_config(rows: int, group_size: int = 128, n: int | None = None) -> GemvConfig | DotConfig | None:
+    """The kernel and tile for `rows` input rows (of a weight with N = `n` outputs); None:
+    dequantize and use cuBLAS."""
+    if group_size < 128:  # 8 words a group: too short a step for the tensor-core kernel
+        return GEMV_CONFIG if rows <= GEMV_MAX_ROWS else None
+    if rows <= 16 and n is not None and n < SMALL_N:
+        return SMALL_N_CONFIG
+    return next((config for limit, config in DOT_CONFIGS.items() if rows <= limit), None)
+
+
+class _SplitKBuffers:
+    """The split-K workspace (fp32 partial sums) and per-tile arrival counters of one device.
+
+    Every call leaves both at zero, so one pair serves all layers of a stream in turn. They
+    only grow outside CUDA-graph capture (the warm-up before a capture runs the same shapes),
+    and a grown-out pair is kept alive: graphs captured earlier still point at it."""
+
+    def __init__(self):
+        self._by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def get(self, device: torch.device, workspace: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = self._by_device.setdefault(device, [])
+        if pairs and pairs[-1][0].numel() >= workspace and pairs[-1][1].numel() >= tiles:
+            return pairs[-1]
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the INT4 split-K workspace must grow before CUDA-graph capture: run the shape once first")
+        old = pairs[-1] if pairs else None
+        size = max(workspace, old[0].numel() if old else 0)
+        count = max(tiles, old[1].numel() if old else 0)
+        pairs.append((torch.zeros(size, dtype=torch.float32, device=device),
+                      torch.zeros(count, dtype=torch.int32, device=device)))
+        return pairs[-1]
+
+
+_split_k_buffers = _SplitKBuffers()
+
+
+def _dot_grid(config: DotConfig, weight: Int4Weight, rows: int, gated: bool) -> tuple[int, int, int]:
+    """(programs along N, along M, K slices) of the tensor-core kernel."""
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
+    grid_n, grid_m = triton.cdiv(n, config.block_n), triton.cdiv(rows, config.block_m)
+    groups = weight.shape[1] // weight.group_size
+    return grid_n, grid_m, _split_k(config, grid_n * grid_m, groups)
+
+
+def _split_k(config: DotConfig, tiles: int, groups: int) -> int:
+    """The number of K slices: doubled while the grid is short of `config.programs` and each
+    slice keeps a whole number of steps."""
+    split = 1
+    while (tiles * split * 2 <= config.programs and groups % (split * 2 * config.groups_per_step) == 0):
+        split *= 2
+    return split
 
 
 def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | None = None, gated: bool = False,
-                config: GemvConfig | DotConfig | None | str = "auto") -> torch.Tensor:
-    """x [M, K] (bf16 or fp16) -> [M, N] (or [M, N/2] gated), optionally + residual [M, N]."""
+                config: GemvConfig | DotConfig | None | str = "auto",
+                norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 or fp16) -> [M, N] (or [M, N/2] gated), optionally + residual [M, N].
+
+    `norm` = (weight, eps): multiply RMSNorm(x) instead of x; fused into the GEMV, a kernel of
+    its own before the other paths."""
     x = x.contiguous()
     m, k = x.shape
     if config == "auto":
-        config = kernel_config(m, weight.group_size)
+        config = kernel_config(m, weight.group_size, weight.shape[0])
+    if norm is not None and (config is None or isinstance(config, DotConfig) and _dot_grid(config, weight, m, gated)[2] > 1):
+        from engines.native.kernels import rms_norm  # the kernel sees only part of each row: norm first
+
+        x, norm = rms_norm(x, *norm), None
     if config is None:
         dense = dequantize(weight, x.dtype)
         if gated:
@@ -248,13 +441,27 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
     common = dict(GROUP=weight.group_size, GATED=gated, ADD_RESIDUAL=residual is not None,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     tensors = (x, weight.qweight, weight.scales, weight.zeros, out, residual if residual is not None else out)
-    strides = (x.stride(0), out.stride(0), out.stride(0), weight.qweight.stride(0), weight.scales.stride(0))
+    strides = (x.stride(0), out.stride(0), residual.stride(0) if residual is not None else out.stride(0),
+               weight.qweight.stride(0), weight.scales.stride(0))
     if isinstance(config, GemvConfig):
-        block_k = min(config.block_k, k & -k)  # the largest power of two dividing K (K = 576: 64)
+        block_k = min(config.block_k, triton.next_power_of_2(k))
         _int4_gemv_kernel[(m, triton.cdiv(n, config.block_n))](
-            *tensors, n, k, n, *strides, BLOCK_N=config.block_n, BLOCK_K=block_k, **common)
-    else:
-        _int4_matmul_kernel[(triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))](
-            *tensors, m, n, k, n, *strides, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            WEIGHTS_FIRST=config.weights_first, **common)
+            *tensors, norm[0] if norm else x, n, k, n, *strides, norm[1] if norm else 0.0, BLOCK_N=config.block_n,
+            BLOCK_K=block_k, NORM=norm is not None, **common)
+        return out
+    if weight.group_size < 128:
+        raise ValueError(f"the tensor-core INT4 kernel needs groups of 128 inputs, not {weight.group_size}")
+    groups = k // weight.group_size
+    if groups % config.groups_per_step:
+        config = replace(config, groups_per_step=1)
+    grid_n, grid_m, split = _dot_grid(config, weight, m, gated)
+    workspace, counters = out, out
+    if split > 1:
+        workspace, counters = _split_k_buffers.get(
+            x.device, grid_n * grid_m * config.block_n * config.block_m * (2 if gated else 1), grid_n * grid_m)
+    _int4_mma_kernel[(grid_n, split, grid_m)](
+        *tensors, workspace, counters, norm[0] if norm else x, m, n, k, groups // split, n, *strides,
+        norm[1] if norm else 0.0, BLOCK_M=config.block_m, BLOCK_N=config.block_n, NORM=norm is not None,
+        GROUPS_PER_STEP=config.groups_per_step, SPLIT_K=split, PREFETCH=config.prefetch,
+        USE_ASM=config.use_asm and x.dtype == torch.bfloat16 and not _INTERPRETED, **common)
     return out

@@ -91,3 +91,27 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     _silu_and_mul_kernel[(tokens, triton.cdiv(size, block))](gate_up, out, gate_up.stride(0), out.stride(0), size,
                                                             BLOCK=block, num_warps=4)
     return out
+
+
+@triton.jit
+def _argmax_kernel(logits_ptr, out_ptr, stride_row, size, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    best_value = tl.full((), float("-inf"), tl.float32)
+    best_index = tl.full((), 0, tl.int64)
+    for start in range(0, size, BLOCK):
+        columns = start + tl.arange(0, BLOCK)
+        values = tl.load(logits_ptr + row * stride_row + columns, mask=columns < size, other=float("-inf"))
+        value, index = tl.max(values, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        better = value > best_value  # strictly: on a tie the earlier block keeps it, as torch.argmax does
+        best_index = tl.where(better, start + index.to(tl.int64), best_index)
+        best_value = tl.where(better, value, best_value)
+    tl.store(out_ptr + row, best_index)
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [rows, vocab] (float32, vocab contiguous) -> int64 [rows], the first maximum of each row:
+    torch.argmax's answer in one pass per row (torch's reduction took 13-28 us for a 49k-128k vocab)."""
+    rows, size = logits.shape
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    _argmax_kernel[(rows,)](logits, out, logits.stride(0), size, BLOCK=4096, num_warps=8)
+    return out

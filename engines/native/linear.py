@@ -3,7 +3,9 @@
 Both take the same calls, so the model does not care which it holds:
 - `layer(x)` -> x @ W.T, and `layer(x, residual=r)` -> r + x @ W.T (the residual add fused
   into the matmul: cuBLAS' addmm for dense weights, the INT4 kernel's epilogue otherwise);
-- `layer.gated(x)` for a fused gate/up projection (W = [gate; up]) -> silu(x @ G.T) * (x @ U.T).
+- `layer.gated(x)` for a fused gate/up projection (W = [gate; up]) -> silu(x @ G.T) * (x @ U.T);
+- `norm=` (an RMSNorm module) on either: multiply norm(x) instead of x. The INT4 GEMV does
+  the norm itself; everything else runs the norm first.
 On the CPU every path is plain torch (INT4 dequantizes, then multiplies): the reference that
 the Triton kernels are tested against.
 """
@@ -32,13 +34,15 @@ class DenseLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [N, K]
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: nn.Module | None = None) -> torch.Tensor:
+        if norm is not None:
+            x = norm(x)
         if residual is None:
             return F.linear(x, self.weight)
         return torch.addmm(residual, x, self.weight.T)
 
-    def gated(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul(F.linear(x, self.weight))
+    def gated(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        return silu_and_mul(F.linear(x if norm is None else norm(x), self.weight))
 
     def quantized(self) -> Int4Linear:
         return Int4Linear(quantize_rtn(self.weight.data))
@@ -64,19 +68,23 @@ class Int4Linear(nn.Module):
             self._dequantized = self.int4.dequantize(dtype)
         return self._dequantized
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: nn.Module | None = None) -> torch.Tensor:
         if x.is_cuda:
             from engines.native.int4_kernels import int4_matmul  # Triton: GPUs only
 
-            return int4_matmul(x, self.int4, residual=residual)
+            return int4_matmul(x, self.int4, residual=residual, norm=_norm_arguments(norm))
+        if norm is not None:
+            x = norm(x)
         out = F.linear(x, self._reference_weight(x.dtype))
         return out if residual is None else out + residual
 
-    def gated(self, x: torch.Tensor) -> torch.Tensor:
+    def gated(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         if x.is_cuda:
             from engines.native.int4_kernels import int4_matmul
 
-            return int4_matmul(x, self.int4, gated=True)
+            return int4_matmul(x, self.int4, gated=True, norm=_norm_arguments(norm))
+        if norm is not None:
+            x = norm(x)
         return silu_and_mul(F.linear(x, self._reference_weight(x.dtype)))
 
     def weight_bytes(self) -> int:
@@ -84,6 +92,10 @@ class Int4Linear(nn.Module):
 
 
 Linear = DenseLinear | Int4Linear
+
+
+def _norm_arguments(norm: nn.Module | None) -> tuple[torch.Tensor, float] | None:
+    return None if norm is None else (norm.weight, norm.eps)
 
 
 def concatenated(layers: list[Linear]) -> Linear:

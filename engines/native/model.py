@@ -179,11 +179,11 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """x: normed hidden states [tokens, hidden] -> residual + attention output."""
+        """x: hidden states [tokens, hidden] -> x + attention output (of norm(x))."""
         tokens = x.shape[0]
-        qkv = self.qkv_proj(x)  # [tokens, (heads + 2 * kv_heads) * head_dim]
+        qkv = self.qkv_proj(x, norm=norm)  # [tokens, (heads + 2 * kv_heads) * head_dim]
         q_size = self.num_heads * self.head_dim
         scale = self.head_dim ** -0.5
         if x.is_cuda:
@@ -199,7 +199,7 @@ class Attention(nn.Module):
                 out = reference_attention(q, self.k_cache, self.v_cache, meta, scale)
             else:
                 out = batched_decode_attention(q, self.k_cache, self.v_cache, meta, scale)
-        return self.o_proj(out.reshape(tokens, q_size), residual=residual)
+        return self.o_proj(out.reshape(tokens, q_size), residual=x)
 
     def _attend_with_kernels(self, qkv, cos, sin, meta, scale) -> torch.Tensor:
         from engines.native.attention_kernels import paged_decode_attention, paged_prefill_attention
@@ -219,8 +219,9 @@ class MLP(nn.Module):
         self.gate_up_proj = gate_up_proj  # [gate; up] rows: one matmul, silu(gate) * up fused after it
         self.down_proj = down_proj
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj.gated(x), residual=residual)
+    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """x + MLP(norm(x))."""
+        return self.down_proj(self.gate_up_proj.gated(x, norm=norm), residual=x)
 
 
 class DecoderLayer(nn.Module):
@@ -232,8 +233,10 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x, cos, sin, meta):
-        x = self.self_attn(self.input_layernorm(x), x, cos, sin, meta)  # residual adds fused into o_proj
-        return self.mlp(self.post_attention_layernorm(x), x)  # ... and down_proj
+        # The norms run inside the next matmul where it can (the INT4 GEMV), the residual adds
+        # inside o_proj and down_proj.
+        x = self.self_attn(x, self.input_layernorm, cos, sin, meta)
+        return self.mlp(x, self.post_attention_layernorm)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -308,10 +311,11 @@ def random_state(config: LlamaConfig, device: str | torch.device, dtype: torch.d
 
 
 def build_model(config: LlamaConfig, state: dict[str, torch.Tensor], device: str | torch.device,
-                dtype: torch.dtype, quantize: str | None = None) -> LlamaForCausalLM:
+                dtype: torch.dtype, quantize: str | None = None, quantize_lm_head: bool = False) -> LlamaForCausalLM:
     """The model from a state dict with Hugging Face's names (INT4 layers stored as `.qweight`,
     `.scales`, `.zeros`). `quantize="int4"` quantizes dense layers (RTN) as they load; the LM head
-    stays in `dtype`. Takes tensors out of `state` as it goes, so weights are not held twice.
+    stays in `dtype` unless `quantize_lm_head` (a tied head gets its own INT4 copy: the embedding
+    lookup keeps the dense table). Takes tensors out of `state` as it goes, so weights are not held twice.
     """
     if quantize not in (None, "int4"):
         raise ValueError(f"unknown quantization '{quantize}' (expected 'int4')")
@@ -351,6 +355,8 @@ def build_model(config: LlamaConfig, state: dict[str, torch.Tensor], device: str
         lm_head = DenseLinear(embed.weight.data)
     else:
         lm_head = DenseLinear(tensor("lm_head.weight"))
+    if quantize_lm_head:
+        lm_head = lm_head.quantized()
     unexpected = [name for name in state if name not in used and not name.startswith("model.layers.")
                   and "rotary_emb" not in name]
     if unexpected:

@@ -29,6 +29,7 @@ class RunnerConfig:
     cuda_graphs: bool = True  # on CUDA: replay captured decode steps instead of launching each kernel
     max_context_tokens: int = 8192  # longest sequence a captured decode step serves
     quantize: str | None = None  # "int4": RTN-quantize a dense checkpoint's linear layers as it loads
+    quantize_lm_head: bool = False  # RTN-quantize the LM head to INT4 too (it stays dense otherwise)
 
 
 # The ladder of captured decode batch sizes: a batch runs in the smallest that holds it.
@@ -49,7 +50,8 @@ class ModelRunner:
         elif state is None:
             state = random_state(model_config, self.device, self.dtype)
         with torch.inference_mode():
-            self.model = build_model(model_config, dict(state), self.device, self.dtype, config.quantize)
+            self.model = build_model(model_config, dict(state), self.device, self.dtype, config.quantize,
+                                     config.quantize_lm_head)
         self.num_blocks = max(1, config.kv_cache_tokens // config.block_size)
         # One more block than the block manager hands out: padding rows of a captured decode
         # step write their K/V there, never into a real sequence's blocks.
@@ -136,10 +138,12 @@ class ModelRunner:
         torch.cuda.current_stream().wait_stream(side)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
+        from engines.native.kernels import argmax_rows  # Triton: GPUs only
+
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool), torch.inference_mode():
             static["logits"] = forward()
-            static["greedy"] = static["logits"].argmax(dim=-1)  # greedy rows need no other work
+            static["greedy"] = argmax_rows(static["logits"])  # greedy rows need no other work
         self._graphs[bucket] = (graph, static)
         return graph, static
 

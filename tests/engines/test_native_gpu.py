@@ -147,20 +147,51 @@ def test_int4_matmul_matches_dequantize_then_matmul(rows, n, k):
     assert relative_error(int4_matmul(x, weight, gated=True), torch.nn.functional.silu(gate) * up) < 1e-2
 
 
-@pytest.mark.parametrize("path", ["gemv", "tensor cores", "tensor cores, weights first", "dequantize + cuBLAS"])
+INT4_PATHS = ["gemv", "tensor cores", "tensor cores, no inline asm", "tensor cores, split K", "dequantize + cuBLAS"]
+
+
+@pytest.mark.parametrize("path", INT4_PATHS)
 def test_int4_kernels_unpack_every_value_exactly(path):
     """Scale 1 and zero point 0 with x = identity: the output is the stored integers, exactly."""
     from engines.native.int4_kernels import GEMV_CONFIG, DotConfig, int4_matmul
     from engines.native.quantization import Int4Weight, pack_int4
 
-    config = {"gemv": GEMV_CONFIG, "tensor cores": DotConfig(64, 64, 4, 3, False),
-              "tensor cores, weights first": DotConfig(64, 64, 4, 3, True), "dequantize + cuBLAS": None}[path]
+    config = dict(zip(INT4_PATHS, [GEMV_CONFIG, DotConfig(64, 64, 1, 1, 4, 3), DotConfig(64, 64, 1, 1, 4, 3, False),
+                                   DotConfig(64, 32, 1, 10**6, 4, 3), None]))[path]
     n, k = 96, 256
     values = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8)
     weight = Int4Weight(pack_int4(values), torch.ones(n, k // 128, dtype=torch.float16, device="cuda"),
                         torch.zeros(n, k // 128, dtype=torch.uint8, device="cuda"))
     out = int4_matmul(torch.eye(k, device="cuda", dtype=torch.bfloat16), weight, config=config)  # [K, N] = W.T
     assert torch.equal(out.float(), values.T.float())
+
+
+@pytest.mark.parametrize("rows, n, k", [(1, 960, 576), (3, 3072, 576), (2, 4608, 576), (1, 6144, 4096), (2, 28672, 4096)])
+def test_int4_matmul_with_the_rms_norm_fused_matches_norm_then_matmul(rows, n, k):
+    from engines.native.int4_kernels import int4_matmul
+    from engines.native.quantization import quantize_rtn
+
+    generator = torch.Generator(device="cuda").manual_seed(rows + n + k)
+    weight = quantize_rtn(torch.randn(n, k, device="cuda", generator=generator) * 0.02)
+    x = (torch.randn(rows, k, device="cuda", generator=generator) * 3).bfloat16()
+    norm_weight = (torch.rand(k, device="cuda", generator=generator) + 0.5).bfloat16()
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * norm_weight.float()
+    expected = normed @ weight.dequantize(torch.float32).T
+    poison_allocator()
+    assert relative_error(int4_matmul(x, weight, norm=(norm_weight, 1e-5)), expected) < 1e-2
+    gate, up = expected.chunk(2, dim=-1)
+    assert relative_error(int4_matmul(x, weight, gated=True, norm=(norm_weight, 1e-5)),
+                          torch.nn.functional.silu(gate) * up) < 1e-2
+
+
+def test_argmax_rows_matches_torch_including_ties():
+    from engines.native.kernels import argmax_rows
+
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    logits = torch.randn(5, 128256, device="cuda", generator=generator)
+    logits[1, [7, 5000, 100000]] = 50.0  # a tie across blocks: the first wins
+    logits[2, [4096, 4097]] = 50.0  # a tie inside a block
+    assert torch.equal(argmax_rows(logits), logits.argmax(-1))
 
 
 @pytest.mark.parametrize("quantize", [None, "int4"])
