@@ -108,7 +108,7 @@ def candidate_configs(rows: int, group_size: int = 128):
         configs += [GemvConfig(*c) for c in itertools.product([4, 8, 16, 32], [1024], [1, 2, 4], [1])]
     if group_size >= 128:
         block_m = 16 if rows <= 16 else 64
-        configs += [DotConfig(block_m, block_n, 1, programs, warps, stages)
+        configs += [DotConfig(block_m, block_n, programs, warps, stages)
                     for block_n, programs, warps, stages in itertools.product([128, 256], [264, 528], [4, 8], [3])]
     return list(dict.fromkeys(configs))
 

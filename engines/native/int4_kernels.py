@@ -16,7 +16,7 @@ gate rows [0, N/2) and the up rows [N/2, N) and writes silu(gate) * up.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -102,14 +102,14 @@ def _int4_gemv_kernel(
     mask_n = cols < N
     out, squares = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, cols, mask_n, K,
                                    stride_xm, stride_q, stride_s, GROUP, BLOCK_N, BLOCK_K, NORM)
-    if NORM:
-        out *= 1.0 / tl.sqrt(squares / K + eps)
+    inverse_rms = 1.0
+    if NORM:  # on the finished sums
+        inverse_rms = 1.0 / tl.sqrt(squares / K + eps)
+    out *= inverse_rms
     if GATED:
         up, _ = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, cols + up_offset, mask_n,
                                 K, stride_xm, stride_q, stride_s, GROUP, BLOCK_N, BLOCK_K, NORM)
-        if NORM:
-            up *= 1.0 / tl.sqrt(squares / K + eps)
-        out = out * tl.sigmoid(out) * up
+        out = out * tl.sigmoid(out) * (up * inverse_rms)
     if ADD_RESIDUAL:
         out += tl.load(residual_ptr + row * stride_rm + cols, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=mask_n)
@@ -198,30 +198,15 @@ def _int4_mma_group(acc, squares, packed, x_ptr, scales_ptr, zeros_ptr, norm_ptr
 @triton.jit
 def _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols, mask_n, first_group,
                    groups, K, eps, stride_xm, stride_q, stride_s, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, USE_ASM: tl.constexpr,
-                   PREFETCH: tl.constexpr, NORM: tl.constexpr):
-    """The [BLOCK_N, BLOCK_M] fp32 product over `groups` groups from `first_group`. PREFETCH
-    issues the next group's weight load before this group's math (the words go to registers,
-    where Triton's own pipelining does not reach). NORM (whole-K programs only): of RMSNorm(x)."""
+                   BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr, NORM: tl.constexpr):
+    """The [BLOCK_N, BLOCK_M] fp32 product over `groups` groups from `first_group`, one group a
+    step. NORM (whole-K programs only): the product of RMSNorm(x)."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     squares = tl.zeros((BLOCK_M,), tl.float32)
-    if PREFETCH:
-        packed_next = _load_group(qweight_ptr, cols, mask_n, first_group, stride_q, GROUP)
-        for step in range(0, groups):
-            packed = packed_next
-            following = first_group + tl.minimum(step + 1, groups - 1)  # the last step reloads itself
-            packed_next = _load_group(qweight_ptr, cols, mask_n, following, stride_q, GROUP)
-            acc, squares = _int4_mma_group(acc, squares, packed, x_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m,
-                                           mask_m, cols, mask_n, first_group + step, stride_xm, stride_s, GROUP,
-                                           BLOCK_M, BLOCK_N, USE_ASM, NORM)
-    else:
-        for step in range(0, groups, GROUPS_PER_STEP):
-            for g in tl.static_range(GROUPS_PER_STEP):
-                group = first_group + step + g
-                packed = _load_group(qweight_ptr, cols, mask_n, group, stride_q, GROUP)
-                acc, squares = _int4_mma_group(acc, squares, packed, x_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m,
-                                               mask_m, cols, mask_n, group, stride_xm, stride_s, GROUP, BLOCK_M,
-                                               BLOCK_N, USE_ASM, NORM)
+    for group in range(first_group, first_group + groups):
+        packed = _load_group(qweight_ptr, cols, mask_n, group, stride_q, GROUP)
+        acc, squares = _int4_mma_group(acc, squares, packed, x_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m,
+                                       cols, mask_n, group, stride_xm, stride_s, GROUP, BLOCK_M, BLOCK_N, USE_ASM, NORM)
     if NORM:
         acc *= (1.0 / tl.sqrt(squares / K + eps))[None, :]
     return acc
@@ -244,9 +229,8 @@ def _int4_mma_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, residual_ptr, workspace_ptr, counters_ptr, norm_ptr,
     M, N, K, groups, up_offset,  # N: output columns; groups: per K slice; gated: the up rows start at `up_offset`
     stride_xm, stride_om, stride_rm, stride_q, stride_s, eps,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
-    SPLIT_K: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr, GATED: tl.constexpr,
-    ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_ASM: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
 ):
     """One program per (BLOCK_N outputs, 1/SPLIT_K of K, BLOCK_M rows).
 
@@ -263,12 +247,12 @@ def _int4_mma_kernel(
     mask_n = cols < N
     acc = _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols, mask_n,
                          pid_k * groups, groups, K, eps, stride_xm, stride_q, stride_s, GROUP, BLOCK_M, BLOCK_N,
-                         GROUPS_PER_STEP, USE_ASM, PREFETCH, NORM)
+                         USE_ASM, NORM)
     up = acc
     if GATED:
         up = _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols + up_offset,
                             mask_n, pid_k * groups, groups, K, eps, stride_xm, stride_q, stride_s, GROUP, BLOCK_M,
-                            BLOCK_N, GROUPS_PER_STEP, USE_ASM, PREFETCH, NORM)
+                            BLOCK_N, USE_ASM, NORM)
     if SPLIT_K == 1:
         _store_output(acc, up, out_ptr, residual_ptr, rows_m, mask_m, cols, mask_n, stride_om, stride_rm,
                       GATED, ADD_RESIDUAL)
@@ -332,12 +316,10 @@ class GemvConfig:  # CUDA cores; one program per (input row, BLOCK_N outputs)
 class DotConfig:  # tensor cores; one program per (BLOCK_M rows, BLOCK_N outputs, K slice)
     block_m: int
     block_n: int
-    groups_per_step: int  # quantization groups per iteration of the K loop
     programs: int  # split K until about this many programs run (1: never split)
     num_warps: int
     num_stages: int
     use_asm: bool = True  # unpack with inline PTX (bf16 activations only)
-    prefetch: bool = False  # load the next group's words before this group's math
 
 
 # Configs chosen by measurement on an H100 (benchmarks/int4_kernels.py --sweep), per Llama-3-8B layer
@@ -351,10 +333,10 @@ class DotConfig:  # tensor cores; one program per (BLOCK_M rows, BLOCK_N outputs
 # - beyond: dequantize into bf16 and let cuBLAS multiply (compute-bound there, the extra pass costs little).
 GEMV_MAX_ROWS = 4
 GEMV_CONFIG = GemvConfig(8, 1024, 4, 3)
-DOT_CONFIGS = {16: DotConfig(16, 256, 1, 264, 4, 3), 64: DotConfig(64, 128, 1, 264, 4, 3),
-               128: DotConfig(64, 128, 1, 264, 8, 4)}
+DOT_CONFIGS = {16: DotConfig(16, 256, 264, 4, 3), 64: DotConfig(64, 128, 264, 4, 3),
+               128: DotConfig(64, 128, 264, 8, 4)}
 # Small layers (N < 4096) at up to 16 rows: 128-row tiles, more programs.
-SMALL_N, SMALL_N_CONFIG = 4096, DotConfig(16, 128, 1, 528, 4, 3)
+SMALL_N, SMALL_N_CONFIG = 4096, DotConfig(16, 128, 528, 4, 3)
 
 
 def kernel_config(rows: int, group_size: int = 128, n: int | None = None) -> GemvConfig | DotConfig | None:
@@ -404,9 +386,9 @@ def _dot_grid(config: DotConfig, weight: Int4Weight, rows: int, gated: bool) -> 
 
 def _split_k(config: DotConfig, tiles: int, groups: int) -> int:
     """The number of K slices: doubled while the grid is short of `config.programs` and each
-    slice keeps a whole number of steps."""
+    slice keeps a whole number of groups."""
     split = 1
-    while (tiles * split * 2 <= config.programs and groups % (split * 2 * config.groups_per_step) == 0):
+    while tiles * split * 2 <= config.programs and groups % (split * 2) == 0:
         split *= 2
     return split
 
@@ -416,13 +398,17 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
                 norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """x [M, K] (bf16 or fp16) -> [M, N] (or [M, N/2] gated), optionally + residual [M, N].
 
-    `norm` = (weight, eps): multiply RMSNorm(x) instead of x; fused into the GEMV, a kernel of
-    its own before the other paths."""
+    `norm` = (weight, eps): multiply RMSNorm(x) instead of x; fused into the kernel when its
+    programs see whole rows (the GEMV, the tensor-core kernel without split K), else a
+    kernel of its own first."""
     x = x.contiguous()
     m, k = x.shape
     if config == "auto":
         config = kernel_config(m, weight.group_size, weight.shape[0])
-    if norm is not None and (config is None or isinstance(config, DotConfig) and _dot_grid(config, weight, m, gated)[2] > 1):
+    if isinstance(config, DotConfig) and weight.group_size < 128:
+        raise ValueError(f"the tensor-core INT4 kernel needs groups of 128 inputs, not {weight.group_size}")
+    grid = _dot_grid(config, weight, m, gated) if isinstance(config, DotConfig) else None
+    if norm is not None and (config is None or grid is not None and grid[2] > 1):
         from engines.native.kernels import rms_norm  # the kernel sees only part of each row: norm first
 
         x, norm = rms_norm(x, *norm), None
@@ -449,19 +435,14 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
             *tensors, norm[0] if norm else x, n, k, n, *strides, norm[1] if norm else 0.0, BLOCK_N=config.block_n,
             BLOCK_K=block_k, NORM=norm is not None, **common)
         return out
-    if weight.group_size < 128:
-        raise ValueError(f"the tensor-core INT4 kernel needs groups of 128 inputs, not {weight.group_size}")
-    groups = k // weight.group_size
-    if groups % config.groups_per_step:
-        config = replace(config, groups_per_step=1)
-    grid_n, grid_m, split = _dot_grid(config, weight, m, gated)
+    grid_n, grid_m, split = grid
     workspace, counters = out, out
     if split > 1:
         workspace, counters = _split_k_buffers.get(
             x.device, grid_n * grid_m * config.block_n * config.block_m * (2 if gated else 1), grid_n * grid_m)
     _int4_mma_kernel[(grid_n, split, grid_m)](
-        *tensors, workspace, counters, norm[0] if norm else x, m, n, k, groups // split, n, *strides,
+        *tensors, workspace, counters, norm[0] if norm else x, m, n, k, k // weight.group_size // split, n, *strides,
         norm[1] if norm else 0.0, BLOCK_M=config.block_m, BLOCK_N=config.block_n, NORM=norm is not None,
-        GROUPS_PER_STEP=config.groups_per_step, SPLIT_K=split, PREFETCH=config.prefetch,
+        SPLIT_K=split,
         USE_ASM=config.use_asm and x.dtype == torch.bfloat16 and not _INTERPRETED, **common)
     return out

@@ -4,8 +4,8 @@ Both take the same calls, so the model does not care which it holds:
 - `layer(x)` -> x @ W.T, and `layer(x, residual=r)` -> r + x @ W.T (the residual add fused
   into the matmul: cuBLAS' addmm for dense weights, the INT4 kernel's epilogue otherwise);
 - `layer.gated(x)` for a fused gate/up projection (W = [gate; up]) -> silu(x @ G.T) * (x @ U.T);
-- `norm=` (an RMSNorm module) on either: multiply norm(x) instead of x. The INT4 GEMV does
-  the norm itself; everything else runs the norm first.
+- `norm=` (an RMSNorm module) on either: multiply norm(x) instead of x. The INT4 kernels
+  do the norm themselves where their programs see whole rows; elsewhere it runs first.
 On the CPU every path is plain torch (INT4 dequantizes, then multiplies): the reference that
 the Triton kernels are tested against.
 """

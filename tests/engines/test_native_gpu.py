@@ -156,8 +156,8 @@ def test_int4_kernels_unpack_every_value_exactly(path):
     from engines.native.int4_kernels import GEMV_CONFIG, DotConfig, int4_matmul
     from engines.native.quantization import Int4Weight, pack_int4
 
-    config = dict(zip(INT4_PATHS, [GEMV_CONFIG, DotConfig(64, 64, 1, 1, 4, 3), DotConfig(64, 64, 1, 1, 4, 3, False),
-                                   DotConfig(64, 32, 1, 10**6, 4, 3), None]))[path]
+    config = dict(zip(INT4_PATHS, [GEMV_CONFIG, DotConfig(64, 64, 1, 4, 3), DotConfig(64, 64, 1, 4, 3, False),
+                                   DotConfig(64, 32, 10**6, 4, 3), None]))[path]
     n, k = 96, 256
     values = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8)
     weight = Int4Weight(pack_int4(values), torch.ones(n, k // 128, dtype=torch.float16, device="cuda"),
