@@ -93,8 +93,9 @@ def measure(rows_list, sweep: bool) -> None:
     for rows in rows_list:
         bf16_total = sum(results[rows, name][0] for name, *_ in LAYER)
         int4_total = sum(results[rows, name][1] for name, *_ in LAYER)
+        configs = "; ".join(f"{name} {kernel_config(rows, group, n)}" for name, n, _, _ in LAYER)
         print(f"rows {rows:>3}: one layer's four matmuls: bf16 {bf16_total * 1000:.0f} us, int4 {int4_total * 1000:.0f} us "
-              f"({bf16_total / int4_total:.2f}x); int4 tile config {kernel_config(rows, group)}")
+              f"({bf16_total / int4_total:.2f}x); int4 tile configs: {configs}")
     for rows, totals in best_configs.items():
         ranked = sorted(totals.items(), key=lambda item: item[1])[:5]
         print(f"sweep rows {rows:>3}: best " + "; ".join(f"{c} {t * 1000:.0f} us" for c, t in ranked)
