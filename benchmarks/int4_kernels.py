@@ -61,7 +61,8 @@ def int4_bytes(weight, rows: int, gated: bool) -> int:
 
 def measure(rows_list, sweep: bool) -> None:
     results = {}  # (rows, name) -> (bf16 ms, int4 ms, bytes bf16, bytes int4)
-    best_configs = {}
+    best_configs = {}  # rows -> {config: ms summed over the layer's matmuls}
+    best_per_matmul = {}  # (rows, name) -> (ms, config)
     group = group_size_for(min(k for _, _, k, _ in LAYER))  # the smallest K sets the group (SmolLM2: 64)
     for name, n, k, gated in LAYER:
         dense, quantized = make_weights(n, k)
@@ -72,7 +73,7 @@ def measure(rows_list, sweep: bool) -> None:
             results[rows, name] = (bf16_ms, int4_ms, n * k * 2 + rows * (k + n) * 2,
                                    int4_bytes(quantized[0], rows, gated))
             if sweep:
-                for config in candidate_configs(rows, quantized[0].group_size):
+                for config in candidate_configs(rows, quantized[0].group_size, n):
                     try:
                         ms = graph_time_ms([lambda w=w: int4_matmul(x, w, gated=gated, config=config)
                                             for w in quantized])
@@ -81,6 +82,8 @@ def measure(rows_list, sweep: bool) -> None:
                         ms = float("inf")  # ranks last
                     best_configs.setdefault(rows, {}).setdefault(config, 0.0)
                     best_configs[rows][config] += ms
+                    if ms < best_per_matmul.get((rows, name), (float("inf"),))[0]:
+                        best_per_matmul[rows, name] = (ms, config)
         del dense, quantized
         torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}: matmul effective GB/s (median), one layer's shapes")
@@ -96,15 +99,20 @@ def measure(rows_list, sweep: bool) -> None:
         configs = "; ".join(f"{name} {kernel_config(rows, group, n)}" for name, n, _, _ in LAYER)
         print(f"rows {rows:>3}: one layer's four matmuls: bf16 {bf16_total * 1000:.0f} us, int4 {int4_total * 1000:.0f} us "
               f"({bf16_total / int4_total:.2f}x); int4 tile configs: {configs}")
-    for rows, totals in best_configs.items():
+    for rows, totals in best_configs.items():  # the current choice is per matmul (kernel_config's n)
         ranked = sorted(totals.items(), key=lambda item: item[1])[:5]
-        print(f"sweep rows {rows:>3}: best " + "; ".join(f"{c} {t * 1000:.0f} us" for c, t in ranked)
-              + f" (current {kernel_config(rows, group)}: {totals.get(kernel_config(rows, group), float('nan')) * 1000:.0f} us)")
+        current = sum(results[rows, name][1] for name, *_ in LAYER)
+        print(f"sweep rows {rows:>3}: best single config " + "; ".join(f"{c} {t * 1000:.0f} us" for c, t in ranked)
+              + f" (current per-matmul configs: {current * 1000:.0f} us)")
+        for name, *_ in LAYER:
+            ms, config = best_per_matmul[rows, name]
+            print(f"sweep rows {rows:>3} {name:>8}: best {config} {ms * 1000:.1f} us "
+                  f"(current {results[rows, name][1] * 1000:.1f} us)")
 
 
-def candidate_configs(rows: int, group_size: int = 128):
+def candidate_configs(rows: int, group_size: int = 128, n: int | None = None):
     """The current choice first, then tiles for the GEMV (up to 4 rows) or the tensor-core kernel."""
-    configs = [kernel_config(rows, group_size)]
+    configs = [kernel_config(rows, group_size, n)]
     if rows <= 4:
         configs += [GemvConfig(*c) for c in itertools.product([4, 8, 16, 32], [1024], [1, 2, 4], [1])]
     if group_size >= 128:

@@ -326,10 +326,9 @@ class DotConfig:  # tensor cores; one program per (BLOCK_M rows, BLOCK_N outputs
 
 # Configs chosen by measurement on an H100 (benchmarks/int4_kernels.py --sweep), per Llama-3-8B layer
 # (q/k/v, o, gate/up, down; bf16 cuBLAS takes 166-173 us for any of these row counts):
-# - up to 16 rows, tensor cores with 256-row weight tiles: 83 us at 1 row (the CUDA-core GEMV: 99 us),
-#   90 us at 16 (the first tensor-core kernel: 360 us);
+# - up to 16 rows, tensor cores: 83 us at 1 row (the CUDA-core GEMV: 99 us), 90 us at 16 (the first
+#   tensor-core kernel: 360 us); 256-row weight tiles for the widest layers, NARROW_CONFIG below for the rest;
 # - up to 64 rows: 128-row tiles, 212 us (was 405 us);
-# - layers under 16,384 outputs at up to 16 rows: NARROW_CONFIG below;
 # - groups of 64 (SmolLM2's K = 576): the GEMV up to 4 rows (the tensor-core kernel gave wrong
 #   sums with 8-word groups on the H100, so it refuses them);
 # - beyond: dequantize into bf16 and let cuBLAS multiply (compute-bound there, the extra pass costs little).

@@ -233,8 +233,8 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x, cos, sin, meta):
-        # The norms run inside the next matmul where it can (the INT4 GEMV), the residual adds
-        # inside o_proj and down_proj.
+        # The norms run inside the next matmul where it can (the INT4 kernels, where a program
+        # sees whole rows), the residual adds inside o_proj and down_proj.
         x = self.self_attn(x, self.input_layernorm, cos, sin, meta)
         return self.mlp(x, self.post_attention_layernorm)
 
