@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_timing import median_replay_ms  # noqa: E402
-from engines.native.int4_kernels import DotConfig, GemvConfig, int4_matmul, kernel_config  # noqa: E402
+from engines.native.int4_kernels import (SKINNY_MAX_ROWS, DotConfig, GemvConfig, SkinnyConfig, int4_matmul,  # noqa: E402
+                                         kernel_config)
 from engines.native.quantization import group_size_for, quantize_rtn  # noqa: E402
 
 # (name, N, K, gated) for one decoder layer.
@@ -111,11 +112,17 @@ def measure(rows_list, sweep: bool) -> None:
 
 
 def candidate_configs(rows: int, group_size: int = 128, n: int | None = None):
-    """The current choice first, then tiles for the GEMV (up to 4 rows) or the tensor-core kernel."""
+    """The current choice first, then tiles for the GEMV (groups of 64, up to 4 rows), the skinny
+    kernel (up to 16 rows) next to the tile kernel's former choices, or the tile kernel."""
     configs = [kernel_config(rows, group_size, n)]
-    if rows <= 4:
+    if group_size < 128 and rows <= 4:
         configs += [GemvConfig(*c) for c in itertools.product([4, 8, 16, 32], [1024], [1, 2, 4], [1])]
-    if group_size >= 128:
+    elif group_size >= 128 and rows <= SKINNY_MAX_ROWS:
+        configs += [SkinnyConfig(block_n, programs, warps)
+                    for (block_n, warps), programs in itertools.product(
+                        [(64, 2), (64, 4), (128, 4), (128, 8), (256, 8)], [264, 528, 1056])]
+        configs += [DotConfig(16, 128, 528, 4, 3), DotConfig(16, 256, 264, 4, 3)]
+    elif group_size >= 128:
         block_m = 16 if rows <= 16 else 64
         configs += [DotConfig(block_m, block_n, programs, warps, stages)
                     for block_n, programs, warps, stages in itertools.product([128, 256], [264, 528], [4, 8], [3])]

@@ -1,17 +1,18 @@
 """W4A16 matmul in Triton: bf16/fp16 activations times lowbit's INT4 weights (see quantization.py).
 
-Three paths, by the number of input rows M (`kernel_config`):
-- M <= 4 (decode at small batch): a GEMV on CUDA cores that streams the packed words with many
-  programs in flight;
-- M <= 128 (larger decode batches): tensor cores, one quantization group per K step;
+Four paths, by the number of input rows M and the group size (`kernel_config`):
+- groups of 64 (SmolLM2's K = 576), M <= 4: a GEMV on CUDA cores that streams the packed words
+  with many programs in flight;
+- groups of 128, M <= 8, bf16: the skinny kernel in int4_skinny.py (Gluon, mma.sync with the
+  words loaded into its operand registers);
+- M <= 128 otherwise: the tile kernel below, tensor cores, one quantization group per K step;
 - more rows (prefill): dequantize to bf16 in one kernel, then cuBLAS (compute-bound there).
-Both kernels unpack value j of every word with a shift and an and-or that turns the 4-bit q
-into the float 128 + q (q placed into the mantissa of 128.0: no int-to-float conversion,
-which is a slow instruction), and apply each group's scale and zero point once per output
-and group rather than per weight: x . ((q - z) s) = s (x . (128 + q) - (128 + z) sum(x)).
+The GEMV and the tile kernel unpack value j of every word with a shift and an and-or that turns
+the 4-bit q into the float 128 + q (q placed into the mantissa of 128.0: no int-to-float
+conversion, which is a slow instruction), and apply each group's scale and zero point once per
+output and group rather than per weight: x . ((q - z) s) = s (x . (128 + q) - (128 + z) sum(x)).
 Epilogues: `residual` adds a tensor to the output (the residual stream); `gated` reads the
-gate rows [0, N/2) and the up rows [N/2, N) and writes silu(gate) * up.
-"""
+gate rows [0, N/2) and the up rows [N/2, N) and writes silu(gate) * up."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engines.native.int4_skinny import MAX_ROWS as SKINNY_MAX_ROWS
+from engines.native.int4_skinny import SkinnyConfig, int4_skinny_kernel
 from engines.native.quantization import Int4Weight
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm there
@@ -342,11 +345,24 @@ DOT_CONFIGS = {16: DotConfig(16, 256, 264, 4, 3), 64: DotConfig(64, 128, 264, 4,
 WIDE_N, NARROW_CONFIG = 16384, DotConfig(16, 128, 528, 4, 3)
 
 
-def kernel_config(rows: int, group_size: int = 128, n: int | None = None) -> GemvConfig | DotConfig | None:
+# Up to 8 bf16 rows: the Gluon kernel (int4_skinny.py), which loads the words where the tensor cores
+# take them (session 5, 1 row: 74 us a layer against the tile kernel's 82; 4 rows: 87 against 95; at
+# 16 rows the tile kernel wins, 90 against 116). The widest layer (gate/up) runs in one wave with
+# 16-row warps: 33.7 us against 37.8.
+SKINNY_ROWS = 8
+SKINNY_CONFIG, SKINNY_WIDE_CONFIG = SkinnyConfig(128, 528, 4), SkinnyConfig(128, 264, 8)
+
+Config = GemvConfig | DotConfig | SkinnyConfig
+
+
+def kernel_config(rows: int, group_size: int = 128, n: int | None = None,
+                  dtype: torch.dtype = torch.bfloat16) -> Config | None:
     """The kernel and tile for `rows` input rows (of a weight with N = `n` outputs); None:
     dequantize and use cuBLAS."""
     if group_size < 128:  # 8 words a group: too short a step for the tensor-core kernel
         return GEMV_CONFIG if rows <= GEMV_MAX_ROWS else None
+    if rows <= SKINNY_ROWS and dtype == torch.bfloat16 and not _INTERPRETED:
+        return SKINNY_WIDE_CONFIG if n is not None and n >= WIDE_N else SKINNY_CONFIG
     if rows <= 16 and n is not None and n < WIDE_N:
         return NARROW_CONFIG
     return next((config for limit, config in DOT_CONFIGS.items() if rows <= limit), None)
@@ -379,15 +395,16 @@ class _SplitKBuffers:
 _split_k_buffers = _SplitKBuffers()
 
 
-def _dot_grid(config: DotConfig, weight: Int4Weight, rows: int, gated: bool) -> tuple[int, int, int]:
-    """(programs along N, along M, K slices) of the tensor-core kernel."""
+def _dot_grid(config: DotConfig | SkinnyConfig, weight: Int4Weight, rows: int, gated: bool) -> tuple[int, int, int]:
+    """(programs along N, along M, K slices) of a tensor-core kernel (the skinny one: all rows in one)."""
     n = weight.shape[0] // 2 if gated else weight.shape[0]
-    grid_n, grid_m = triton.cdiv(n, config.block_n), triton.cdiv(rows, config.block_m)
+    grid_n = triton.cdiv(n, config.block_n)
+    grid_m = triton.cdiv(rows, config.block_m) if isinstance(config, DotConfig) else 1
     groups = weight.shape[1] // weight.group_size
     return grid_n, grid_m, _split_k(config, grid_n * grid_m, groups)
 
 
-def _split_k(config: DotConfig, tiles: int, groups: int) -> int:
+def _split_k(config: DotConfig | SkinnyConfig, tiles: int, groups: int) -> int:
     """The number of K slices: doubled while the grid is short of `config.programs` and each
     slice keeps a whole number of groups."""
     split = 1
@@ -397,7 +414,7 @@ def _split_k(config: DotConfig, tiles: int, groups: int) -> int:
 
 
 def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | None = None, gated: bool = False,
-                config: GemvConfig | DotConfig | None | str = "auto",
+                config: Config | None | str = "auto",
                 norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """x [M, K] (bf16 or fp16) -> [M, N] (or [M, N/2] gated), optionally + residual [M, N].
 
@@ -407,11 +424,14 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
     x = x.contiguous()
     m, k = x.shape
     if config == "auto":
-        config = kernel_config(m, weight.group_size, weight.shape[0])
-    if isinstance(config, DotConfig) and weight.group_size < 128:
-        raise ValueError(f"the tensor-core INT4 kernel needs groups of 128 inputs, not {weight.group_size}")
-    grid = _dot_grid(config, weight, m, gated) if isinstance(config, DotConfig) else None
-    if norm is not None and (config is None or grid is not None and grid[2] > 1):
+        config = kernel_config(m, weight.group_size, weight.shape[0], x.dtype)
+    if isinstance(config, (DotConfig, SkinnyConfig)) and weight.group_size < 128:
+        raise ValueError(f"the tensor-core INT4 kernels need groups of 128 inputs, not {weight.group_size}")
+    if isinstance(config, SkinnyConfig) and (m > SKINNY_MAX_ROWS or x.dtype != torch.bfloat16):
+        raise ValueError(f"the skinny INT4 kernel takes up to {SKINNY_MAX_ROWS} bf16 rows, not {m} in {x.dtype}")
+    grid = _dot_grid(config, weight, m, gated) if isinstance(config, (DotConfig, SkinnyConfig)) else None
+    if norm is not None and (config is None or isinstance(config, SkinnyConfig)
+                             or grid is not None and grid[2] > 1):
         from engines.native.kernels import rms_norm  # the kernel sees only part of each row: norm first
 
         x, norm = rms_norm(x, *norm), None
@@ -428,7 +448,7 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
     if residual is not None:
         residual = residual.contiguous()
     common = dict(GROUP=weight.group_size, GATED=gated, ADD_RESIDUAL=residual is not None,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
+                  num_warps=config.num_warps, num_stages=getattr(config, "num_stages", 1))
     tensors = (x, weight.qweight, weight.scales, weight.zeros, out, residual if residual is not None else out)
     strides = (x.stride(0), out.stride(0), residual.stride(0) if residual is not None else out.stride(0),
                weight.qweight.stride(0), weight.scales.stride(0))
@@ -439,10 +459,17 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
             BLOCK_K=block_k, NORM=norm is not None, **common)
         return out
     grid_n, grid_m, split = grid
+    block_m = config.block_m if isinstance(config, DotConfig) else (8 if m <= 8 else 16)
     workspace, counters = out, out
     if split > 1:
         workspace, counters = _split_k_buffers.get(
-            x.device, grid_n * grid_m * config.block_n * config.block_m * (2 if gated else 1), grid_n * grid_m)
+            x.device, grid_n * grid_m * config.block_n * block_m * (2 if gated else 1), grid_n * grid_m)
+    if isinstance(config, SkinnyConfig):
+        int4_skinny_kernel[(grid_n, split)](
+            *tensors, workspace, counters, m, n, k // weight.group_size // split, n, *strides,
+            BLOCK_N=config.block_n, BLOCK_M=block_m, SPLIT_K=split, GATED=gated, ADD_RESIDUAL=residual is not None,
+            num_warps=config.num_warps)
+        return out  # the Gluon kernel takes no GROUP or num_stages
     _int4_mma_kernel[(grid_n, split, grid_m)](
         *tensors, workspace, counters, norm[0] if norm else x, m, n, k, k // weight.group_size // split, n, *strides,
         norm[1] if norm else 0.0, BLOCK_M=config.block_m, BLOCK_N=config.block_n, NORM=norm is not None,

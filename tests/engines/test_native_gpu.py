@@ -147,23 +147,28 @@ def test_int4_matmul_matches_dequantize_then_matmul(rows, n, k):
     assert relative_error(int4_matmul(x, weight, gated=True), torch.nn.functional.silu(gate) * up) < 1e-2
 
 
-INT4_PATHS = ["gemv", "tensor cores", "tensor cores, no inline asm", "tensor cores, split K", "dequantize + cuBLAS"]
+INT4_PATHS = ["gemv", "tensor cores", "tensor cores, no inline asm", "tensor cores, split K", "skinny", "skinny, split K",
+              "dequantize + cuBLAS"]
 
 
 @pytest.mark.parametrize("path", INT4_PATHS)
 def test_int4_kernels_unpack_every_value_exactly(path):
-    """Scale 1 and zero point 0 with x = identity: the output is the stored integers, exactly."""
-    from engines.native.int4_kernels import GEMV_CONFIG, DotConfig, int4_matmul
+    """Scale 1 with x = identity: the output is the stored integers minus their zero points, exactly."""
+    from engines.native.int4_kernels import GEMV_CONFIG, DotConfig, SkinnyConfig, int4_matmul
     from engines.native.quantization import Int4Weight, pack_int4
 
     config = dict(zip(INT4_PATHS, [GEMV_CONFIG, DotConfig(64, 64, 1, 4, 3), DotConfig(64, 64, 1, 4, 3, False),
-                                   DotConfig(64, 32, 10**6, 4, 3), None]))[path]
-    n, k = 96, 256
+                                   DotConfig(64, 32, 10**6, 4, 3), SkinnyConfig(64, 1, 4), SkinnyConfig(64, 10**6, 4),
+                                   None]))[path]
+    n, k = 96, 256  # two row tiles of 64, the second half empty
     values = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8)
-    weight = Int4Weight(pack_int4(values), torch.ones(n, k // 128, dtype=torch.float16, device="cuda"),
-                        torch.zeros(n, k // 128, dtype=torch.uint8, device="cuda"))
-    out = int4_matmul(torch.eye(k, device="cuda", dtype=torch.bfloat16), weight, config=config)  # [K, N] = W.T
-    assert torch.equal(out.float(), values.T.float())
+    zeros = torch.randint(0, 16, (n, k // 128), device="cuda", dtype=torch.uint8)
+    weight = Int4Weight(pack_int4(values), torch.ones(n, k // 128, dtype=torch.float16, device="cuda"), zeros)
+    identity = torch.eye(k, device="cuda", dtype=torch.bfloat16)
+    rows = 16 if isinstance(config, SkinnyConfig) else k  # the skinny kernel takes up to 16 rows a call
+    out = torch.cat([int4_matmul(identity[i:i + rows], weight, config=config) for i in range(0, k, rows)])
+    expected = values.float() - zeros.float().repeat_interleave(128, dim=1)
+    assert torch.equal(out.float(), expected.T)  # [K, N] = W.T
 
 
 @pytest.mark.parametrize("rows, n, k", [(1, 960, 576), (3, 3072, 576), (2, 4608, 576), (1, 6144, 4096), (2, 28672, 4096)])
