@@ -25,6 +25,7 @@ import triton.language as tl
 
 from engines.native.int4_skinny import MAX_ROWS as SKINNY_MAX_ROWS
 from engines.native.int4_skinny import SkinnyConfig, int4_skinny_kernel
+from engines.native.int4_skinny import block_m as skinny_block_m
 from engines.native.quantization import Int4Weight
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm there
@@ -413,6 +414,16 @@ def _split_k(config: DotConfig | SkinnyConfig, tiles: int, groups: int) -> int:
     return split
 
 
+def _split_k_workspace(out: torch.Tensor, grid: tuple[int, int, int], tile_size: int,
+                       gated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(workspace, counters) for a tensor-core launch on `grid`; without split K the kernel
+    touches neither, and `out` stands in for both."""
+    grid_n, grid_m, split = grid
+    if split == 1:
+        return out, out
+    return _split_k_buffers.get(out.device, grid_n * grid_m * tile_size * (2 if gated else 1), grid_n * grid_m)
+
+
 def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | None = None, gated: bool = False,
                 config: Config | None | str = "auto",
                 norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
@@ -447,11 +458,19 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if residual is not None:
         residual = residual.contiguous()
-    common = dict(GROUP=weight.group_size, GATED=gated, ADD_RESIDUAL=residual is not None,
-                  num_warps=config.num_warps, num_stages=getattr(config, "num_stages", 1))
     tensors = (x, weight.qweight, weight.scales, weight.zeros, out, residual if residual is not None else out)
     strides = (x.stride(0), out.stride(0), residual.stride(0) if residual is not None else out.stride(0),
                weight.qweight.stride(0), weight.scales.stride(0))
+    if isinstance(config, SkinnyConfig):
+        grid_n, _, split = grid
+        block_m = skinny_block_m(m)
+        int4_skinny_kernel[(grid_n, split)](
+            *tensors, *_split_k_workspace(out, grid, config.block_n * block_m, gated), m, n,
+            k // weight.group_size // split, n, *strides, BLOCK_N=config.block_n, BLOCK_M=block_m, SPLIT_K=split,
+            GATED=gated, ADD_RESIDUAL=residual is not None, num_warps=config.num_warps)
+        return out
+    common = dict(GROUP=weight.group_size, GATED=gated, ADD_RESIDUAL=residual is not None,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
     if isinstance(config, GemvConfig):
         block_k = min(config.block_k, triton.next_power_of_2(k))
         _int4_gemv_kernel[(m, triton.cdiv(n, config.block_n))](
@@ -459,20 +478,9 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
             BLOCK_K=block_k, NORM=norm is not None, **common)
         return out
     grid_n, grid_m, split = grid
-    block_m = config.block_m if isinstance(config, DotConfig) else (8 if m <= 8 else 16)
-    workspace, counters = out, out
-    if split > 1:
-        workspace, counters = _split_k_buffers.get(
-            x.device, grid_n * grid_m * config.block_n * block_m * (2 if gated else 1), grid_n * grid_m)
-    if isinstance(config, SkinnyConfig):
-        int4_skinny_kernel[(grid_n, split)](
-            *tensors, workspace, counters, m, n, k // weight.group_size // split, n, *strides,
-            BLOCK_N=config.block_n, BLOCK_M=block_m, SPLIT_K=split, GATED=gated, ADD_RESIDUAL=residual is not None,
-            num_warps=config.num_warps)
-        return out  # the Gluon kernel takes no GROUP or num_stages
     _int4_mma_kernel[(grid_n, split, grid_m)](
-        *tensors, workspace, counters, norm[0] if norm else x, m, n, k, k // weight.group_size // split, n, *strides,
-        norm[1] if norm else 0.0, BLOCK_M=config.block_m, BLOCK_N=config.block_n, NORM=norm is not None,
-        SPLIT_K=split,
+        *tensors, *_split_k_workspace(out, grid, config.block_n * config.block_m, gated), norm[0] if norm else x,
+        m, n, k, k // weight.group_size // split, n, *strides, norm[1] if norm else 0.0, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, NORM=norm is not None, SPLIT_K=split,
         USE_ASM=config.use_asm and x.dtype == torch.bfloat16 and not _INTERPRETED, **common)
     return out

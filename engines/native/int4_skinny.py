@@ -42,6 +42,11 @@ class SkinnyConfig:  # one program per (BLOCK_N outputs, K slice); all rows (<= 
     num_warps: int
 
 
+def block_m(rows: int) -> int:
+    """The kernel's BLOCK_M for `rows` input rows: the MMA's n, 8 or 16."""
+    return 8 if rows <= 8 else 16
+
+
 @gluon.jit
 def _exact_values(words, zero_pair):
     """Two words (consecutive inputs of one output row) -> eight bf16 pairs, pair j = value j of
