@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_timing import median_replay_ms  # noqa: E402
-from engines.native.int4_kernels import (SKINNY_MAX_ROWS, DotConfig, GemvConfig, SkinnyConfig, int4_matmul,  # noqa: E402
-                                         kernel_config)
+from engines.native.int4_kernels import (SKINNY_MAX_ROWS, DotConfig, GemvConfig, int4_matmul,  # noqa: E402
+                                         kernel_config, skinny_config)
 from engines.native.quantization import group_size_for, quantize_rtn  # noqa: E402
 
 # (name, N, K, gated) for one decoder layer.
@@ -49,10 +49,14 @@ def graph_time_ms(calls) -> float:
     return median_replay_ms(graph) / len(calls)
 
 
+ROW_MAJOR_SCALES = False  # --row-major-scales: as in files, not as loaded models keep them
+
+
 def make_weights(n: int, k: int):
     generator = torch.Generator(device="cuda").manual_seed(n + k)
     dense = [torch.randn(n, k, device="cuda", generator=generator, dtype=torch.bfloat16) * 0.02 for _ in range(COPIES)]
-    return dense, [quantize_rtn(w) for w in dense]
+    quantized = [quantize_rtn(w) for w in dense]
+    return dense, quantized if ROW_MAJOR_SCALES else [weight.group_major() for weight in quantized]
 
 
 def int4_bytes(weight, rows: int, gated: bool) -> int:
@@ -118,9 +122,8 @@ def candidate_configs(rows: int, group_size: int = 128, n: int | None = None):
     if group_size < 128 and rows <= 4:
         configs += [GemvConfig(*c) for c in itertools.product([4, 8, 16, 32], [1024], [1, 2, 4], [1])]
     elif group_size >= 128 and rows <= SKINNY_MAX_ROWS:
-        configs += [SkinnyConfig(block_n, programs, warps)
-                    for (block_n, warps), programs in itertools.product(
-                        [(64, 2), (64, 4), (128, 4), (128, 8), (256, 8)], [264, 528, 1056])]
+        configs += [skinny_config(block_n, per_sm, warps)
+                    for block_n, warps, per_sm in [(64, 4, 4), (64, 4, 8), (128, 4, 2), (128, 4, 4), (128, 8, 2)]]
         configs += [DotConfig(16, 128, 528, 4, 3), DotConfig(16, 256, 264, 4, 3)]
     elif group_size >= 128:
         block_m = 16 if rows <= 16 else 64
@@ -134,6 +137,9 @@ if __name__ == "__main__":
     parser.add_argument("--sweep", action="store_true", help="also try tile configurations")
     parser.add_argument("--rows", default="1,4,16,64")
     parser.add_argument("--model", default="llama-3-8b", choices=sorted(LAYERS))
+    parser.add_argument("--row-major-scales", action="store_true",
+                        help="scales and zeros row by row (as in files) rather than group by group (as models hold them)")
     arguments = parser.parse_args()
+    ROW_MAJOR_SCALES = arguments.row_major_scales
     LAYER[:] = LAYERS[arguments.model]
     measure([int(r) for r in arguments.rows.split(",")], arguments.sweep)

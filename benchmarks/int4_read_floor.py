@@ -63,18 +63,22 @@ def main() -> None:
         matmul_ms = graph_time_ms([lambda w=w: int4_matmul(x, w, gated=gated) for w in quantized])
         megabytes = quantized[0].qweight.numel() * 4 / 1e6
         best: dict[bool, tuple[float, str]] = {}
+        best_piece: dict[int, float] = {}  # the strided pattern by bytes read per row and step
         for block_n, split, contiguous, warps, stages, words in itertools.product(
-                (64, 256), (1, 2, 4, 8, 16), (False, True), (4, 8), (2, 4), (16, 32)):
+                (64, 256), (1, 2, 4, 8, 16), (False, True), (4, 8), (2, 4), (16, 32, 64)):
             if (n // block_n) * split > 4096 or (k // 8) // words % split:
                 continue
             ms = graph_time_ms([lambda w=w: read_weights(w.qweight, out, block_n, split, contiguous, warps, stages,
                                                          words) for w in quantized])
+            if not contiguous:
+                best_piece[words * 4] = min(ms, best_piece.get(words * 4, float("inf")))
             if contiguous not in best or ms < best[contiguous][0]:
                 best[contiguous] = (ms, f"{block_n} rows x {words} words, split {split}, {warps} warps, "
                                         f"{stages} stages")
         strided_ms, strided = best[False]
         print(f"{name:>8} {megabytes:6.1f} {matmul_ms * 1000:10.1f} {strided_ms * 1000:8.1f} "
-              f"{megabytes / strided_ms:10.0f}  {strided} (contiguous: {best[True][0] * 1000:.1f})")
+              f"{megabytes / strided_ms:10.0f}  {strided} (contiguous: {best[True][0] * 1000:.1f}; by bytes per row "
+              f"and step: " + ", ".join(f"{size} B {ms * 1000:.1f}" for size, ms in sorted(best_piece.items())) + ")")
         del quantized
         torch.cuda.empty_cache()
 

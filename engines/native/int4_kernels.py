@@ -16,6 +16,7 @@ gate rows [0, N/2) and the up rows [N/2, N) and writes silu(gate) * up."""
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -24,7 +25,8 @@ import triton
 import triton.language as tl
 
 from engines.native.int4_skinny import MAX_ROWS as SKINNY_MAX_ROWS
-from engines.native.int4_skinny import SkinnyConfig, int4_skinny_kernel
+from engines.native.int4_skinny import (MAX_STAGED_BYTES, UNPACK_ASM, SkinnyConfig, fuses_norm, int4_skinny_kernel,
+                                        staged_groups)
 from engines.native.int4_skinny import block_m as skinny_block_m
 from engines.native.quantization import Int4Weight
 
@@ -51,7 +53,7 @@ def _input_of(word_index, j: tl.constexpr):
 
 @triton.jit
 def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, cols, mask_n, K, stride_xm, stride_q,
-                    stride_s, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+                    stride_s, stride_sg, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
     """sum_k x[row, k] W[cols, k] on CUDA cores, fp32 -> ([BLOCK_N], sum_k x[row, k]^2).
 
     NORM multiplies x by the RMSNorm weight as it loads (the 1 / rms factor, one number per
@@ -73,7 +75,7 @@ def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, co
         packed = tl.load(qweight_ptr + cols[:, None, None] * stride_q + word_index[None, :, :],
                          mask=mask & in_k[None, :, :], other=0)
         group_index = k0 // GROUP + group_ids
-        groups = cols[:, None] * stride_s + group_index[None, :]  # [BLOCK_N, GROUPS]
+        groups = cols[:, None] * stride_s + group_index[None, :] * stride_sg  # [BLOCK_N, GROUPS]
         group_mask = mask_n[:, None] & (group_index < K // GROUP)[None, :]
         scale = tl.load(scales_ptr + groups, mask=group_mask, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + groups, mask=group_mask, other=0).to(tl.float32) + 128.0
@@ -95,7 +97,7 @@ def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, co
 @triton.jit
 def _int4_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, residual_ptr, norm_ptr,
-    N, K, up_offset, stride_xm, stride_om, stride_rm, stride_q, stride_s, eps,
+    N, K, up_offset, stride_xm, stride_om, stride_rm, stride_q, stride_s, stride_sg, eps,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
 ):
@@ -105,14 +107,14 @@ def _int4_gemv_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < N
     out, squares = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, cols, mask_n, K,
-                                   stride_xm, stride_q, stride_s, GROUP, BLOCK_N, BLOCK_K, NORM)
+                                   stride_xm, stride_q, stride_s, stride_sg, GROUP, BLOCK_N, BLOCK_K, NORM)
     inverse_rms = 1.0
     if NORM:  # on the finished sums
         inverse_rms = 1.0 / tl.sqrt(squares / K + eps)
     out *= inverse_rms
     if GATED:
         up, _ = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, cols + up_offset, mask_n,
-                                K, stride_xm, stride_q, stride_s, GROUP, BLOCK_N, BLOCK_K, NORM)
+                                K, stride_xm, stride_q, stride_s, stride_sg, GROUP, BLOCK_N, BLOCK_K, NORM)
         out = out * tl.sigmoid(out) * (up * inverse_rms)
     if ADD_RESIDUAL:
         out += tl.load(residual_ptr + row * stride_rm + cols, mask=mask_n, other=0.0).to(tl.float32)
@@ -122,33 +124,9 @@ def _int4_gemv_kernel(
 @triton.jit
 def _bf16_values(packed):
     """All eight 4-bit values q of each int32 word as bf16 128 + q, in one inline-asm block per
-    two words: q goes into the low mantissa bits of 128.0 (0x4300), two values per 32-bit
-    register as the tensor cores take them, so a value costs about one integer instruction
-    (a prmt gathers the two words' halves, then one shift and one lop3 per register)."""
-    return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 lo, hi, t;
-        prmt.b32 lo, $8, $9, 0x5410;
-        prmt.b32 hi, $8, $9, 0x7632;
-        lop3.b32 $0, lo, 0x000f000f, 0x43004300, 0xea;
-        shr.u32 t, lo, 4;
-        lop3.b32 $1, t, 0x000f000f, 0x43004300, 0xea;
-        shr.u32 t, lo, 8;
-        lop3.b32 $2, t, 0x000f000f, 0x43004300, 0xea;
-        shr.u32 t, lo, 12;
-        lop3.b32 $3, t, 0x000f000f, 0x43004300, 0xea;
-        lop3.b32 $4, hi, 0x000f000f, 0x43004300, 0xea;
-        shr.u32 t, hi, 4;
-        lop3.b32 $5, t, 0x000f000f, 0x43004300, 0xea;
-        shr.u32 t, hi, 8;
-        lop3.b32 $6, t, 0x000f000f, 0x43004300, 0xea;
-        shr.u32 t, hi, 12;
-        lop3.b32 $7, t, 0x000f000f, 0x43004300, 0xea;
-        }
-        """,
-        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r",
-        args=[packed], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+    two words (int4_skinny.UNPACK_ASM: about one integer instruction a value)."""
+    return tl.inline_asm_elementwise(asm=UNPACK_ASM, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r", args=[packed],
+                                     dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
 
 
 @triton.jit
@@ -172,7 +150,7 @@ def _load_group(qweight_ptr, cols, mask_n, group, stride_q, GROUP: tl.constexpr)
 
 @triton.jit
 def _int4_mma_group(acc, squares, packed, x_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols, mask_n,
-                    group, stride_xm, stride_s, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                    group, stride_xm, stride_s, stride_sg, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr, NORM: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] += W[cols, group] . x[rows_m, group]^T on tensor cores.
 
@@ -193,15 +171,15 @@ def _int4_mma_group(acc, squares, packed, x_ptr, scales_ptr, zeros_ptr, norm_ptr
             x = (x.to(tl.float32) * tl.load(norm_ptr + inputs).to(tl.float32)[None, :]).to(x.dtype)
         x_sum += tl.sum(x.to(tl.float32), axis=1)
         partial = tl.dot(values[j], tl.trans(x), partial)
-    scale = tl.load(scales_ptr + cols * stride_s + group, mask=mask_n, other=0.0).to(tl.float32)
-    zero = tl.load(zeros_ptr + cols * stride_s + group, mask=mask_n, other=0).to(tl.float32) + 128.0
+    scale = tl.load(scales_ptr + cols * stride_s + group * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + cols * stride_s + group * stride_sg, mask=mask_n, other=0).to(tl.float32) + 128.0
     # x . (q - z) s = s (x . (128 + q) - (128 + z) sum x)
     return acc + (partial - zero[:, None] * x_sum[None, :]) * scale[:, None], squares
 
 
 @triton.jit
 def _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols, mask_n, first_group,
-                   groups, K, eps, stride_xm, stride_q, stride_s, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                   groups, K, eps, stride_xm, stride_q, stride_s, stride_sg, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr, NORM: tl.constexpr):
     """The [BLOCK_N, BLOCK_M] fp32 product over `groups` groups from `first_group`, one group a
     step. NORM (whole-K programs only): the product of RMSNorm(x)."""
@@ -210,7 +188,7 @@ def _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, 
     for group in range(first_group, first_group + groups):
         packed = _load_group(qweight_ptr, cols, mask_n, group, stride_q, GROUP)
         acc, squares = _int4_mma_group(acc, squares, packed, x_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m,
-                                       cols, mask_n, group, stride_xm, stride_s, GROUP, BLOCK_M, BLOCK_N, USE_ASM, NORM)
+                                       cols, mask_n, group, stride_xm, stride_s, stride_sg, GROUP, BLOCK_M, BLOCK_N, USE_ASM, NORM)
     if NORM:
         acc *= (1.0 / tl.sqrt(squares / K + eps))[None, :]
     return acc
@@ -232,7 +210,7 @@ def _store_output(acc, up, out_ptr, residual_ptr, rows_m, mask_m, cols, mask_n, 
 def _int4_mma_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, residual_ptr, workspace_ptr, counters_ptr, norm_ptr,
     M, N, K, groups, up_offset,  # N: output columns; groups: per K slice; gated: the up rows start at `up_offset`
-    stride_xm, stride_om, stride_rm, stride_q, stride_s, eps,
+    stride_xm, stride_om, stride_rm, stride_q, stride_s, stride_sg, eps,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_ASM: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
 ):
@@ -250,12 +228,12 @@ def _int4_mma_kernel(
     mask_m = rows_m < M
     mask_n = cols < N
     acc = _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols, mask_n,
-                         pid_k * groups, groups, K, eps, stride_xm, stride_q, stride_s, GROUP, BLOCK_M, BLOCK_N,
+                         pid_k * groups, groups, K, eps, stride_xm, stride_q, stride_s, stride_sg, GROUP, BLOCK_M, BLOCK_N,
                          USE_ASM, NORM)
     up = acc
     if GATED:
         up = _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols + up_offset,
-                            mask_n, pid_k * groups, groups, K, eps, stride_xm, stride_q, stride_s, GROUP, BLOCK_M,
+                            mask_n, pid_k * groups, groups, K, eps, stride_xm, stride_q, stride_s, stride_sg, GROUP, BLOCK_M,
                             BLOCK_N, USE_ASM, NORM)
     if SPLIT_K == 1:
         _store_output(acc, up, out_ptr, residual_ptr, rows_m, mask_m, cols, mask_n, stride_om, stride_rm,
@@ -285,12 +263,12 @@ def _int4_mma_kernel(
 
 
 @triton.jit
-def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, stride_q, stride_s, stride_o,
+def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, stride_q, stride_s, stride_sg, stride_o,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     word_index = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     packed = tl.load(qweight_ptr + rows[:, None] * stride_q + word_index[None, :])
-    groups = rows[:, None] * stride_s + (word_index // (GROUP // 8))[None, :]
+    groups = rows[:, None] * stride_s + (word_index // (GROUP // 8))[None, :] * stride_sg
     scale = tl.load(scales_ptr + groups).to(tl.float32)
     zero = tl.load(zeros_ptr + groups).to(tl.float32) + 128.0
     for j in tl.static_range(8):
@@ -305,7 +283,7 @@ def dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((n, k), dtype=dtype, device=weight.qweight.device)
     block_k = min(256, k & -k)
     _dequantize_kernel[(triton.cdiv(n, 16), k // block_k)](
-        weight.qweight, weight.scales, weight.zeros, out, weight.qweight.stride(0), weight.scales.stride(0),
+        weight.qweight, weight.scales, weight.zeros, out, weight.qweight.stride(0), *weight.scales.stride(),
         out.stride(0), GROUP=weight.group_size, BLOCK_N=16, BLOCK_K=block_k, num_warps=4)
     return out
 
@@ -347,11 +325,23 @@ WIDE_N, NARROW_CONFIG = 16384, DotConfig(16, 128, 528, 4, 3)
 
 
 # Up to 8 bf16 rows: the Gluon kernel (int4_skinny.py), which loads the words where the tensor cores
-# take them (session 5, 1 row: 74 us a layer against the tile kernel's 82; 4 rows: 87 against 95; at
-# 16 rows the tile kernel wins, 90 against 116). The widest layer (gate/up) runs in one wave with
-# 16-row warps: 33.7 us against 37.8.
+# take them (session 6, 1 row: 68 us a layer against the tile kernel's 82; 8 rows: 74; at 16 rows the
+# tile kernel wins). Programs per SM and warps per layer width, from sweeps: 4 programs of 4 warps,
+# and 2 of 8 warps for the widest layer (N >= WIDE_N, Llama-3-8B's gate/up).
 SKINNY_ROWS = 8
-SKINNY_CONFIG, SKINNY_WIDE_CONFIG = SkinnyConfig(128, 528, 4), SkinnyConfig(128, 264, 8)
+SKINNY_SHAPE = dict(block_n=128, programs_per_sm=4, num_warps=4)
+SKINNY_WIDE_SHAPE = dict(block_n=128, programs_per_sm=2, num_warps=8)
+
+
+@functools.cache
+def sm_count(device: int | None = None) -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device).multi_processor_count
+
+
+def skinny_config(block_n: int, programs_per_sm: int, num_warps: int) -> SkinnyConfig:
+    """A skinny-kernel config whose programs fill whole waves of this GPU's SMs."""
+    return SkinnyConfig(block_n, programs_per_sm * sm_count(), num_warps)
+
 
 Config = GemvConfig | DotConfig | SkinnyConfig
 
@@ -363,7 +353,7 @@ def kernel_config(rows: int, group_size: int = 128, n: int | None = None,
     if group_size < 128:  # 8 words a group: too short a step for the tensor-core kernel
         return GEMV_CONFIG if rows <= GEMV_MAX_ROWS else None
     if rows <= SKINNY_ROWS and dtype == torch.bfloat16 and not _INTERPRETED:
-        return SKINNY_WIDE_CONFIG if n is not None and n >= WIDE_N else SKINNY_CONFIG
+        return skinny_config(**(SKINNY_WIDE_SHAPE if n is not None and n >= WIDE_N else SKINNY_SHAPE))
     if rows <= 16 and n is not None and n < WIDE_N:
         return NARROW_CONFIG
     return next((config for limit, config in DOT_CONFIGS.items() if rows <= limit), None)
@@ -396,16 +386,16 @@ class _SplitKBuffers:
 _split_k_buffers = _SplitKBuffers()
 
 
-def _dot_grid(config: DotConfig | SkinnyConfig, weight: Int4Weight, rows: int, gated: bool) -> tuple[int, int, int]:
-    """(programs along N, along M, K slices) of a tensor-core kernel (the skinny one: all rows in one)."""
+def _dot_grid(config: DotConfig, weight: Int4Weight, rows: int, gated: bool) -> tuple[int, int, int]:
+    """(programs along N, along M, K slices) of the tile kernel."""
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     grid_n = triton.cdiv(n, config.block_n)
-    grid_m = triton.cdiv(rows, config.block_m) if isinstance(config, DotConfig) else 1
+    grid_m = triton.cdiv(rows, config.block_m)
     groups = weight.shape[1] // weight.group_size
     return grid_n, grid_m, _split_k(config, grid_n * grid_m, groups)
 
 
-def _split_k(config: DotConfig | SkinnyConfig, tiles: int, groups: int) -> int:
+def _split_k(config: DotConfig, tiles: int, groups: int) -> int:
     """The number of K slices: doubled while the grid is short of `config.programs` and each
     slice keeps a whole number of groups."""
     split = 1
@@ -438,10 +428,12 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
         config = kernel_config(m, weight.group_size, weight.shape[0], x.dtype)
     if isinstance(config, (DotConfig, SkinnyConfig)) and weight.group_size < 128:
         raise ValueError(f"the tensor-core INT4 kernels need groups of 128 inputs, not {weight.group_size}")
+    if weight.zeros.stride() != weight.scales.stride():
+        raise ValueError("INT4 scales and zeros must be stored alike (both row by row or both group by group)")
     if isinstance(config, SkinnyConfig) and (m > SKINNY_MAX_ROWS or x.dtype != torch.bfloat16):
         raise ValueError(f"the skinny INT4 kernel takes up to {SKINNY_MAX_ROWS} bf16 rows, not {m} in {x.dtype}")
-    grid = _dot_grid(config, weight, m, gated) if isinstance(config, (DotConfig, SkinnyConfig)) else None
-    if norm is not None and (config is None or isinstance(config, SkinnyConfig)
+    grid = _dot_grid(config, weight, m, gated) if isinstance(config, DotConfig) else None
+    if norm is not None and (config is None or isinstance(config, SkinnyConfig) and not fuses_norm(m, k)
                              or grid is not None and grid[2] > 1):
         from engines.native.kernels import rms_norm  # the kernel sees only part of each row: norm first
 
@@ -460,14 +452,9 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
         residual = residual.contiguous()
     tensors = (x, weight.qweight, weight.scales, weight.zeros, out, residual if residual is not None else out)
     strides = (x.stride(0), out.stride(0), residual.stride(0) if residual is not None else out.stride(0),
-               weight.qweight.stride(0), weight.scales.stride(0))
+               weight.qweight.stride(0), *weight.scales.stride())  # scales and zeros share their layout
     if isinstance(config, SkinnyConfig):
-        grid_n, _, split = grid
-        block_m = skinny_block_m(m)
-        int4_skinny_kernel[(grid_n, split)](
-            *tensors, *_split_k_workspace(out, grid, config.block_n * block_m, gated), m, n,
-            k // weight.group_size // split, n, *strides, BLOCK_N=config.block_n, BLOCK_M=block_m, SPLIT_K=split,
-            GATED=gated, ADD_RESIDUAL=residual is not None, num_warps=config.num_warps)
+        _launch_skinny(config, tensors, strides, weight, m, n, k, gated, residual is not None, norm)
         return out
     common = dict(GROUP=weight.group_size, GATED=gated, ADD_RESIDUAL=residual is not None,
                   num_warps=config.num_warps, num_stages=config.num_stages)
@@ -484,3 +471,29 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
         BLOCK_N=config.block_n, NORM=norm is not None, SPLIT_K=split,
         USE_ASM=config.use_asm and x.dtype == torch.bfloat16 and not _INTERPRETED, **common)
     return out
+
+
+def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight: Int4Weight, m: int, n: int, k: int,
+                   gated: bool, add_residual: bool, norm: tuple[torch.Tensor, float] | None) -> None:
+    tiles = triton.cdiv(n, config.block_n)
+    groups = k // weight.group_size
+    block_m = skinny_block_m(m)
+    programs = min(config.programs, tiles * groups)
+    slots = staged_groups(tiles * groups, programs, groups)
+    if slots * 8 * block_m * 16 * 2 > MAX_STAGED_BYTES:
+        raise ValueError(f"{config} leaves {slots} groups of x to each program; more programs are needed")
+    workspace, counters = _split_k_buffers.get(tensors[0].device, tiles * config.block_n * block_m * (2 if gated else 1),
+                                               tiles)
+    int4_skinny_kernel[(programs,)](
+        *tensors, workspace, counters, norm[0] if norm else tensors[0], m, n, k, groups, tiles * groups, n,
+        norm[1] if norm else 0.0, *strides, BLOCK_N=config.block_n, BLOCK_M=block_m, SLOTS=slots,
+        GATED=gated, ADD_RESIDUAL=add_residual, NORM_ROWS=m if norm else 0,
+        NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, num_warps=config.num_warps,
+        maxnreg=_register_cap(programs, config.num_warps, tensors[0].device))
+
+
+def _register_cap(programs: int, num_warps: int, device: torch.device) -> int:
+    """Registers a thread may use so that all `programs` are resident at once (the stream-K
+    split assumes one wave): an SM's 64k registers over the programs it must hold."""
+    per_sm = triton.cdiv(programs, sm_count(device.index))
+    return min(255, 65536 // (per_sm * num_warps * 32) // 8 * 8)

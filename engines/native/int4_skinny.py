@@ -2,30 +2,33 @@
 with the register layouts spelled out.
 
 Why a second tensor-core kernel: at batch 1 the tile kernel in int4_kernels.py ran at about
-half the speed of merely reading its weights. Triton chose the layouts there, and the unpacked
-weights went through shared memory on their way to the tensor cores (a 32 KB round trip per
-8 KB of weights), with a wait after each of a group's eight dots. Here the packed words are
-loaded straight into the registers where `mma.sync` wants its first operand, so unpacking
-happens in place and nothing passes through shared memory:
+half the speed of merely reading its weights. Here the packed words are loaded straight into
+the registers where `mma.sync` wants its first operand, so unpacking happens in place:
 
 - lowbit's format (quantization.py) puts value j of consecutive words on consecutive inputs,
   so value j of a [rows, 16-word] tile is a 16-input slice of a group: one m16n8k16 operand.
   The words are loaded in that operand's own layout (`DotOperandLayout`, two consecutive
-  words a thread), and one inline-PTX block turns two words into eight bf16 pairs;
-- each pair is 128 + q made exact in bf16, minus 128 + z (the group's zero point), so the
-  tensor cores see the exact integers q - z; the group's fp32 sum is then multiplied by its
-  scale (exact to fp32 rounding, like the reference);
-- everything a group needs (words, zero points, scales, x) is loaded before the group before it
-  is multiplied, so loads are in flight while the tensor cores work (a deeper ring of words in
-  shared memory through cp.async measured slower: benchmarks/results, session 5);
-- split K as in the tile kernel: partial sums added into a workspace with atomics, the last
-  program of a tile (arrival counter) finishes it and leaves workspace and counter at zero.
+  words a thread), and one inline-PTX block (UNPACK_ASM) turns two words into eight bf16
+  pairs of 128 + q, exact in bf16;
+- the zero point goes on the group's sum rather than on every weight: s x . (q - z) =
+  s (x . (128 + q) - (128 + z) sum x), with sum x per group computed once per program
+  (session 6: a third fewer instructions than subtracting 128 + z from every pair);
+- x is staged once per program in shared memory, already in the order the MMAs read it
+  (ldmatrix), with those per-group sums; RMSNorm's weight is applied there and its 1 / rms
+  on the finished sums, so the norm needs no kernel of its own (up to NORM_ROWS rows);
+- stream-K: the work is (tile of BLOCK_N outputs, group) units shared out evenly over a whole
+  number of waves of programs; a tile split between programs is finished through a
+  workspace with atomics, by the program whose groups complete it (a counter of groups);
+- the next unit's words, scales and zero points are loaded while the tensor cores work on
+  this one (two or three units ahead, and a cp.async ring in shared memory in session 5,
+  measured slower).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
@@ -36,10 +39,15 @@ WORDS = gl.constexpr(16)  # int32 words per group
 
 
 @dataclass(frozen=True)
-class SkinnyConfig:  # one program per (BLOCK_N outputs, K slice); all rows (<= 16) in one program
-    block_n: int  # a multiple of 16 * num_warps
-    programs: int  # split K until about this many programs run
+class SkinnyConfig:  # stream-K: the (tile, group) units shared out evenly; all rows (<= 16) in one program
+    block_n: int  # outputs per tile, a multiple of 16 * num_warps
+    programs: int  # at most this many programs (one a unit at most): a multiple of the SM count
     num_warps: int
+
+
+NORM_ROWS = 2  # RMSNorm fused for up to this many rows (each program reads them whole: registers)
+NORM_MAX_WIDTH = 8192
+MAX_STAGED_BYTES = 96 * 1024  # x for a program's groups, staged in shared memory
 
 
 def block_m(rows: int) -> int:
@@ -47,82 +55,133 @@ def block_m(rows: int) -> int:
     return 8 if rows <= 8 else 16
 
 
-@gluon.jit
-def _exact_values(words, zero_pair):
-    """Two words (consecutive inputs of one output row) -> eight bf16 pairs, pair j = value j of
-    each word minus the group's zero point: q goes into the low mantissa bits of 128.0 (prmt,
-    shift, lop3) and 128 + z is subtracted (`zero_pair` holds it twice), all exact in bf16."""
-    return gl.inline_asm_elementwise(
-        asm="""
+def fuses_norm(rows: int, k: int) -> bool:
+    """Whether the kernel can compute RMSNorm(x) itself for `rows` rows of width `k`."""
+    return rows <= NORM_ROWS and triton.next_power_of_2(k) <= NORM_MAX_WIDTH
+
+
+def staged_groups(units: int, programs: int, groups: int) -> int:
+    """How many groups of x one program stages: its units visit consecutive groups (mod `groups`)."""
+    return triton.next_power_of_2(min(triton.cdiv(units, programs), groups))
+
+
+# q goes into the low mantissa bits of 128.0 (bf16 0x4300): two words (consecutive inputs of one
+# output row) -> eight bf16 pairs of 128 + q, pair j holding value j of each word. A prmt
+# gathers the two words' halves, then one shift and one lop3 per pair. Shared with the tile
+# kernel in int4_kernels.py.
+UNPACK_ASM = gl.constexpr("""
         {
-        .reg .b32 lo, hi, t, v;
+        .reg .b32 lo, hi, t;
         prmt.b32 lo, $8, $9, 0x5410;
         prmt.b32 hi, $8, $9, 0x7632;
-        lop3.b32 v, lo, 0x000f000f, 0x43004300, 0xea;
-        sub.rn.bf16x2 $0, v, $10;
+        lop3.b32 $0, lo, 0x000f000f, 0x43004300, 0xea;
         shr.u32 t, lo, 4;
-        lop3.b32 v, t, 0x000f000f, 0x43004300, 0xea;
-        sub.rn.bf16x2 $1, v, $10;
+        lop3.b32 $1, t, 0x000f000f, 0x43004300, 0xea;
         shr.u32 t, lo, 8;
-        lop3.b32 v, t, 0x000f000f, 0x43004300, 0xea;
-        sub.rn.bf16x2 $2, v, $10;
+        lop3.b32 $2, t, 0x000f000f, 0x43004300, 0xea;
         shr.u32 t, lo, 12;
-        lop3.b32 v, t, 0x000f000f, 0x43004300, 0xea;
-        sub.rn.bf16x2 $3, v, $10;
-        lop3.b32 v, hi, 0x000f000f, 0x43004300, 0xea;
-        sub.rn.bf16x2 $4, v, $10;
+        lop3.b32 $3, t, 0x000f000f, 0x43004300, 0xea;
+        lop3.b32 $4, hi, 0x000f000f, 0x43004300, 0xea;
         shr.u32 t, hi, 4;
-        lop3.b32 v, t, 0x000f000f, 0x43004300, 0xea;
-        sub.rn.bf16x2 $5, v, $10;
+        lop3.b32 $5, t, 0x000f000f, 0x43004300, 0xea;
         shr.u32 t, hi, 8;
-        lop3.b32 v, t, 0x000f000f, 0x43004300, 0xea;
-        sub.rn.bf16x2 $6, v, $10;
+        lop3.b32 $6, t, 0x000f000f, 0x43004300, 0xea;
         shr.u32 t, hi, 12;
-        lop3.b32 v, t, 0x000f000f, 0x43004300, 0xea;
-        sub.rn.bf16x2 $7, v, $10;
+        lop3.b32 $7, t, 0x000f000f, 0x43004300, 0xea;
         }
-        """,
-        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r",
-        args=[words, zero_pair], dtype=(gl.bfloat16,) * 8, is_pure=True, pack=2)
+        """)
 
 
 @gluon.jit
-def _group_words(q_ptr, rows_a, in_n, word_ids, group, stride_q):
-    """A group's packed words [BLOCK_N, 16], loaded in the first MMA operand's layout (rows
-    outside the weight read as 0)."""
-    return gl.load(q_ptr + rows_a[:, None] * stride_q + group * WORDS + word_ids[None, :], mask=in_n[:, None],
-                   other=0, eviction_policy="evict_first")
+def _offset_values(words):
+    """[BLOCK_N, 16] words in the first operand's layout -> eight bf16 tensors, 128 + value j."""
+    return gl.inline_asm_elementwise(asm=UNPACK_ASM, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r", args=[words],
+                                     dtype=(gl.bfloat16,) * 8, is_pure=True, pack=2)
 
 
 @gluon.jit
-def _group_inputs(x_rows, x_mask, k_ids, group):
-    """x for one group, as eight [16, BLOCK_M] second operands: value j of word w is input
-    64 (w // 8) + 8 j + w % 8 of the group."""
-    x = ()
-    for j in gl.static_range(8):
-        inputs = gl.max_contiguous(gl.multiple_of(group * GROUP + (k_ids // 8) * 64 + j * 8 + k_ids % 8, 8), 8)
-        x = x + (gl.load(x_rows + inputs[:, None], mask=x_mask, other=0.0),)
-    return x
+def _unit_loads(q_ptr, s_ptr, z_ptr, word_offsets, scale_offsets, tile, group, valid, local_a, local_c, N,
+                up_offset, stride_q, stride_s, stride_sg, BLOCK_N: gl.constexpr, GATED: gl.constexpr):
+    """A unit's words [BLOCK_N, 16] in the first operand's layout, its scales and its 128 +
+    zero points (fp32, the accumulator's rows); gated, the up rows' too. `*_offsets` are each
+    thread's offsets from a tile's first row (loop invariant). Masked-out rows (past N, or
+    all of them when not `valid`) are left undefined: they only reach outputs that are
+    never stored."""
+    mask_a = ((tile * BLOCK_N + local_a < N) & valid)[:, None]
+    mask_c = (tile * BLOCK_N + local_c < N) & valid
+    row = tile * BLOCK_N
+    words = gl.load(q_ptr + row * stride_q + group * WORDS + word_offsets, mask=mask_a, eviction_policy="evict_first")
+    scale = gl.load(s_ptr + row * stride_s + group * stride_sg + scale_offsets, mask=mask_c)
+    zero = gl.load(z_ptr + row * stride_s + group * stride_sg + scale_offsets, mask=mask_c)
+    loads = (words, scale, zero)
+    if GATED:
+        row += up_offset
+        loads = loads + (gl.load(q_ptr + row * stride_q + group * WORDS + word_offsets, mask=mask_a,
+                                 eviction_policy="evict_first"),
+                         gl.load(s_ptr + row * stride_s + group * stride_sg + scale_offsets, mask=mask_c),
+                         gl.load(z_ptr + row * stride_s + group * stride_sg + scale_offsets, mask=mask_c))
+    return loads
 
 
 @gluon.jit
-def _group_scales(s_ptr, z_ptr, rows_a, in_n, cols, mask_n, group, stride_s):
-    """A group's zero points as bf16 pairs (128 + z, twice; the first operand's rows) and its
-    scales (the accumulator's rows)."""
-    zero = gl.load(z_ptr + rows_a * stride_s + group, mask=in_n, other=0).to(gl.int32)
-    scale = gl.load(s_ptr + cols * stride_s + group, mask=mask_n, other=0.0).to(gl.float32)
-    return (zero | 0x4300) * 0x10001, scale
+def _next_unit(tile, group, groups):
+    """The (tile, group) after this one: the tile's next group, or the next tile's first."""
+    end_of_tile = group == groups - 1
+    return gl.where(end_of_tile, tile + 1, tile), gl.where(end_of_tile, 0, group + 1)
 
 
 @gluon.jit
-def _group_product(words, zero_pair, scale, x, MMA: gl.constexpr):
+def _stage_inputs(x_ptr, norm_ptr, stride_xm, M, first_group, groups, staged, sums,
+                  SLOTS: gl.constexpr, BLOCK_M: gl.constexpr, NORM: gl.constexpr):
+    """x for the program's groups into shared memory, in the order the MMAs read it: slot s
+    holds group (first_group + s) mod groups as [8 (value j), BLOCK_M, 16 (word w)] (rows
+    8 s .. 8 s + 7 of `staged`), value j
+    of word w being input 64 (w // 8) + 8 j + w % 8; and each slot's sum of x per row (for
+    the zero points: x . (q - z) = x . (128 + q) - (128 + z) sum x). NORM: x times RMSNorm's
+    weight (its 1 / rms goes on the finished sums). All loads at once: one L2 latency."""
+    L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [1, 2, 8, 2], [gl.num_warps(), 1, 1, 1], [3, 2, 1, 0])
+    slot = gl.arange(0, SLOTS, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L))))
+    j = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L))))
+    m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L))))
+    w = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L))))
+    group = (first_group + slot) % groups
+    inputs = (group * GROUP)[:, None, None, None] + (j * 8)[None, :, None, None] + ((w // 8) * 64 + w % 8)[None, None, None, :]
+    mask = ((slot < groups)[:, None, None, None] & (m < M)[None, None, :, None])
+    x = gl.load(x_ptr + m[None, None, :, None] * stride_xm + inputs, mask=mask, other=0.0)
+    if NORM:
+        x = x * gl.load(norm_ptr + inputs, mask=(slot < groups)[:, None, None, None], other=0.0)
+    staged.store(x.reshape([SLOTS * 8 * BLOCK_M, 16]))
+    sums.store(gl.sum(gl.sum(x.to(gl.float32), axis=3), axis=1))
+
+
+@gluon.jit
+def _inverse_rms(x_ptr, stride_xm, M, K, eps, m_ids, NORM_ROWS: gl.constexpr, NORM_BLOCK: gl.constexpr):
+    """RMSNorm's 1 / rms of each input row, fp32 [BLOCK_M] in the layout of `m_ids` (1 past
+    the first NORM_ROWS rows). Each program reads the whole rows from L2, all loads at once: one
+    L2 latency per program instead of a kernel launch and a round trip through memory."""
+    blocked: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])
+    inputs = gl.arange(0, NORM_BLOCK, layout=blocked)
+    rows = ()
+    for r in gl.static_range(NORM_ROWS):
+        rows = rows + (gl.load(x_ptr + r * stride_xm + inputs, mask=(inputs < K) & (r < M), other=0.0),)
+    inverse = m_ids.to(gl.float32) * 0.0 + 1.0
+    for r in gl.static_range(NORM_ROWS):
+        x = rows[r].to(gl.float32)
+        inverse = gl.where(m_ids == r, 1.0 / gl.sqrt(gl.sum(x * x, axis=0) / K + eps), inverse)
+    return inverse
+
+
+@gluon.jit
+def _unit_product(words, scale, zero, x, x_sum, MMA: gl.constexpr):
     """s sum over one group's 128 inputs of (q - z) x, fp32 [BLOCK_N, BLOCK_M]: eight m16n8k16
-    products, one per value j of the words."""
-    values = _exact_values(words, gl.broadcast(zero_pair[:, None], words)[0])
+    products of 128 + q (exact in bf16) with x, one per value j of the words, then the zero
+    point through the group's sum of x."""
+    values = _offset_values(words)
     product = gl.zeros((words.shape[0], x[0].shape[1]), gl.float32, MMA)
     for j in gl.static_range(8):
         product = mma_v2(values[j], x[j], product)
-    return product * scale[:, None]
+    zero = zero.to(gl.float32) + 128.0
+    return (product - zero[:, None] * x_sum[None, :]) * scale.to(gl.float32)[:, None]
 
 
 @gluon.jit
@@ -138,81 +197,115 @@ def _store_output(acc, up, out_ptr, residual_ptr, rows_m, mask_m, cols, mask_n, 
 
 
 @gluon.jit
-def int4_skinny_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, residual_ptr, workspace_ptr, counters_ptr,
-    M, N, groups, up_offset,  # N: outputs; groups: per K slice; gated: the up rows start at `up_offset`
-    stride_xm, stride_om, stride_rm, stride_q, stride_s,
-    BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr, GATED: gl.constexpr,
-    ADD_RESIDUAL: gl.constexpr,
-):
-    """One program per (BLOCK_N outputs, 1/SPLIT_K of K); the rows (M <= BLOCK_M) all at once."""
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[gl.num_warps(), 1],
-                                                  instr_shape=[16, 8])
-    A: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)  # weights [BLOCK_N, 16 words]
-    B: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)  # x [16 inputs, BLOCK_M rows]
-    pid_n = gl.program_id(0)
-    pid_k = gl.program_id(1)
-    rows_a = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A))
-    in_n = rows_a < N  # gated: the up rows (+ N) are then inside too
-    word_ids = gl.arange(0, WORDS, layout=gl.SliceLayout(0, A))
-    k_ids = gl.arange(0, WORDS, layout=gl.SliceLayout(1, B))
-    m_b = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, B))
-    x_rows = x_ptr + m_b[None, :] * stride_xm
-    x_mask = (m_b < M)[None, :]
-    cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-    rows_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+def _finish_tile(acc, up, inverse_rms, tile, done, out_ptr, residual_ptr, workspace_ptr, counters_ptr, rows_m,
+                 mask_m, local_c, N, groups, stride_om, stride_rm, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                 GATED: gl.constexpr, ADD_RESIDUAL: gl.constexpr, MMA: gl.constexpr):
+    """A program's sums over `done` of a tile's `groups` groups: the output if that is all of
+    them, else added into the tile's workspace; the program whose groups complete the tile
+    (the counter counts groups) takes the sum, runs the epilogue and leaves workspace and
+    counter at zero for the next call. `inverse_rms` (per row) scales the sums first."""
+    acc *= inverse_rms[None, :]
+    up *= inverse_rms[None, :]
+    cols = tile * BLOCK_N + local_c
     mask_n = cols < N
-    mask_m = rows_m < M
-
-    # Everything a group needs is loaded one group ahead (the last group reloads itself: L2
-    # hits), so that loads are in flight while the tensor cores work on the group before.
-    first = pid_k * groups
-    last = first + groups - 1
-    words = _group_words(q_ptr, rows_a, in_n, word_ids, first, stride_q)
-    zero_pair, scale = _group_scales(s_ptr, z_ptr, rows_a, in_n, cols, mask_n, first, stride_s)
-    up_words, up_zero_pair, up_scale = words, zero_pair, scale
-    if GATED:
-        up_words = _group_words(q_ptr, rows_a + up_offset, in_n, word_ids, first, stride_q)
-        up_zero_pair, up_scale = _group_scales(s_ptr, z_ptr, rows_a + up_offset, in_n, cols + up_offset, mask_n,
-                                               first, stride_s)
-    x = _group_inputs(x_rows, x_mask, k_ids, first)
-    acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
-    up = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
-    for group in range(first, first + groups):
-        following = gl.minimum(group + 1, last)
-        next_words = _group_words(q_ptr, rows_a, in_n, word_ids, following, stride_q)
-        next_zero_pair, next_scale = _group_scales(s_ptr, z_ptr, rows_a, in_n, cols, mask_n, following, stride_s)
-        next_x = _group_inputs(x_rows, x_mask, k_ids, following)
-        if GATED:
-            next_up_words = _group_words(q_ptr, rows_a + up_offset, in_n, word_ids, following, stride_q)
-            next_up_zero_pair, next_up_scale = _group_scales(s_ptr, z_ptr, rows_a + up_offset, in_n,
-                                                             cols + up_offset, mask_n, following, stride_s)
-            up += _group_product(up_words, up_zero_pair, up_scale, x, MMA)
-            up_words, up_zero_pair, up_scale = next_up_words, next_up_zero_pair, next_up_scale
-        acc += _group_product(words, zero_pair, scale, x, MMA)
-        words, zero_pair, scale, x = next_words, next_zero_pair, next_scale, next_x
-
-    if SPLIT_K == 1:
+    if done == groups:
         _store_output(acc, up, out_ptr, residual_ptr, rows_m, mask_m, cols, mask_n, stride_om, stride_rm,
                       GATED, ADD_RESIDUAL)
     else:
         TILE_SIZE: gl.constexpr = BLOCK_N * BLOCK_M
-        local = (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None] * BLOCK_M
-                 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :])
-        partials = workspace_ptr + pid_n * (2 * TILE_SIZE if GATED else TILE_SIZE) + local
+        partials = (workspace_ptr + tile * (2 * TILE_SIZE if GATED else TILE_SIZE) + local_c[:, None] * BLOCK_M
+                    + rows_m[None, :])
         valid = mask_n[:, None] & mask_m[None, :]  # at one input row, 7 of the tile's 8 columns are padding
         gl.atomic_add(partials, acc, mask=valid, sem="relaxed")
         if GATED:
             gl.atomic_add(partials + TILE_SIZE, up, mask=valid, sem="relaxed")
         gl.thread_barrier()  # every thread's partial sums are in before the counter moves
-        arrived = gl.atomic_add(counters_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:  # the last K slice of this tile: finish it
+        arrived = gl.atomic_add(counters_ptr + tile, done, sem="acq_rel")
+        if arrived + done == groups:  # this program's groups complete the tile: finish it
             gl.thread_barrier()
             acc = gl.load(partials, mask=valid, other=0.0, cache_modifier=".cg")  # from L2, where the atomics landed
             gl.store(partials, gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA), mask=valid)
             if GATED:
                 up = gl.load(partials + TILE_SIZE, mask=valid, other=0.0, cache_modifier=".cg")
                 gl.store(partials + TILE_SIZE, gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA), mask=valid)
-            gl.store(counters_ptr + pid_n, 0)
+            gl.store(counters_ptr + tile, 0)
             _store_output(acc, up, out_ptr, residual_ptr, rows_m, mask_m, cols, mask_n, stride_om, stride_rm,
                           GATED, ADD_RESIDUAL)
+
+
+@gluon.jit
+def int4_skinny_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, residual_ptr, workspace_ptr, counters_ptr, norm_ptr,
+    M, N, K, groups, units, up_offset, eps,  # N: outputs; gated: the up rows start at `up_offset`
+    stride_xm, stride_om, stride_rm, stride_q, stride_s, stride_sg,  # scales and zeros: by row, by group
+    BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SLOTS: gl.constexpr,
+    GATED: gl.constexpr, ADD_RESIDUAL: gl.constexpr, NORM_ROWS: gl.constexpr, NORM_BLOCK: gl.constexpr,
+):
+    """Stream-K: the work is `units` = (BLOCK_N-output tile, group) pairs, tile by tile, and
+    program p takes units [p units / P, (p + 1) units / P) of the P programs, so every program
+    reads the same number of words whatever the shape (whole waves, no tail); a tile that
+    two programs share is finished through the workspace. All rows (M <= BLOCK_M) at once.
+    NORM_ROWS > 0: the input is RMSNorm(x) with weight `norm_ptr` (M <= NORM_ROWS)."""
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                  instr_shape=[16, 8])
+    A: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)  # weights [BLOCK_N, 16 words]
+    B: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)  # x [16 inputs, BLOCK_M rows]
+    programs = gl.num_programs(0)
+    pid = gl.program_id(0)
+    first = pid * units // programs
+    last = (pid + 1) * units // programs - 1
+    first_group = first % groups
+
+    # Each thread's offsets from a tile's first row: the same for every tile (loop invariant).
+    local_a = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A))
+    word_offsets = local_a[:, None] * stride_q + gl.arange(0, WORDS, layout=gl.SliceLayout(0, A))[None, :]
+    local_c = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    scale_offsets = local_c * stride_s
+    rows_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+    mask_m = rows_m < M
+
+    # The first unit's words, scales and zero points, then x for all of the program's groups;
+    # from then on each step fetches the next unit's (none past the last) while the tensor
+    # cores work on this one. (Two or three units ahead measured slower: session 6.)
+    tile = first // groups
+    group = first_group
+    current = _unit_loads(q_ptr, s_ptr, z_ptr, word_offsets, scale_offsets, tile, group, first <= last, local_a,
+                          local_c, N, up_offset, stride_q, stride_s, stride_sg, BLOCK_N, GATED)
+    STAGED: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 1, [1, 0])
+    staged = gl.allocate_shared_memory(gl.bfloat16, [SLOTS * 8 * BLOCK_M, WORDS], STAGED)
+    SUMS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    sums = gl.allocate_shared_memory(gl.float32, [SLOTS, BLOCK_M], SUMS)
+    _stage_inputs(x_ptr, norm_ptr, stride_xm, M, first_group, groups, staged, sums, SLOTS, BLOCK_M, NORM_ROWS > 0)
+    inverse_rms = gl.full((BLOCK_M,), 1.0, gl.float32, gl.SliceLayout(0, MMA))
+    if NORM_ROWS > 0:
+        inverse_rms = _inverse_rms(x_ptr, stride_xm, M, K, eps, rows_m, NORM_ROWS, NORM_BLOCK)
+    gl.thread_barrier()  # the staged x is in
+    staged = staged._reinterpret(gl.bfloat16, [SLOTS * 8, BLOCK_M, WORDS], STAGED)  # a [BLOCK_M, 16] tile a row
+    sums = sums._reinterpret(gl.float32, [SLOTS, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0]))  # a slot a row
+
+    acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
+    up = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
+    done = 0  # groups of the current tile summed in acc
+    slot = 0
+    for unit in range(first, last + 1):
+        next_tile, next_group = _next_unit(tile, group, groups)
+        fetched = _unit_loads(q_ptr, s_ptr, z_ptr, word_offsets, scale_offsets, next_tile, next_group, unit < last,
+                              local_a, local_c, N, up_offset, stride_q, stride_s, stride_sg, BLOCK_N, GATED)
+        x = ()
+        for j in gl.static_range(8):
+            x = x + (staged.index(slot * 8 + j).permute((1, 0)).load(B),)
+        x_sum = sums.index(slot).load(gl.SliceLayout(0, MMA))
+        acc += _unit_product(current[0], current[1], current[2], x, x_sum, MMA)
+        if GATED:
+            up += _unit_product(current[3], current[4], current[5], x, x_sum, MMA)
+        current = fetched
+        done += 1
+        slot = gl.where(slot + 1 == groups, 0, slot + 1)  # past the last group, the program wraps to the first
+        if (next_tile != tile) | (unit == last):  # the end of this program's share of the tile
+            _finish_tile(acc, up, inverse_rms, tile, done, out_ptr, residual_ptr, workspace_ptr, counters_ptr,
+                         rows_m, mask_m, local_c, N, groups, stride_om, stride_rm, BLOCK_N, BLOCK_M, GATED,
+                         ADD_RESIDUAL, MMA)
+            acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
+            up = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
+            done = 0
+        tile, group = next_tile, next_group

@@ -54,6 +54,7 @@ class DenseLinear(nn.Module):
 class Int4Linear(nn.Module):
     def __init__(self, weight: Int4Weight):
         super().__init__()
+        weight = weight.group_major()  # what the decode kernels read fastest (quantization.py)
         self.register_buffer("qweight", weight.qweight)
         self.register_buffer("scales", weight.scales)
         self.register_buffer("zeros", weight.zeros)

@@ -147,23 +147,28 @@ def test_int4_matmul_matches_dequantize_then_matmul(rows, n, k):
     assert relative_error(int4_matmul(x, weight, gated=True), torch.nn.functional.silu(gate) * up) < 1e-2
 
 
-INT4_PATHS = ["gemv", "tensor cores", "tensor cores, no inline asm", "tensor cores, split K", "skinny", "skinny, split K",
-              "dequantize + cuBLAS"]
+INT4_PATHS = ["gemv", "tensor cores", "tensor cores, no inline asm", "tensor cores, split K", "skinny, one program",
+              "skinny, a program a group", "skinny, stream K", "dequantize + cuBLAS"]
 
 
+@pytest.mark.parametrize("layout", ["scales row by row", "scales group by group"])
 @pytest.mark.parametrize("path", INT4_PATHS)
-def test_int4_kernels_unpack_every_value_exactly(path):
+def test_int4_kernels_unpack_every_value_exactly(path, layout):
     """Scale 1 with x = identity: the output is the stored integers minus their zero points, exactly."""
     from engines.native.int4_kernels import GEMV_CONFIG, DotConfig, SkinnyConfig, int4_matmul
     from engines.native.quantization import Int4Weight, pack_int4
 
+    # The skinny kernel's programs share out 4 (tile, group) units: all in one (whole tiles, one
+    # after the other), one each (every tile through the workspace), or 1, 1 and 2 (both ways).
     config = dict(zip(INT4_PATHS, [GEMV_CONFIG, DotConfig(64, 64, 1, 4, 3), DotConfig(64, 64, 1, 4, 3, False),
-                                   DotConfig(64, 32, 10**6, 4, 3), SkinnyConfig(64, 1, 4), SkinnyConfig(64, 10**6, 4),
-                                   None]))[path]
+                                   DotConfig(64, 32, 10**6, 4, 3), SkinnyConfig(64, 1, 4),
+                                   SkinnyConfig(64, 10**6, 4), SkinnyConfig(64, 3, 4), None]))[path]
     n, k = 96, 256  # two row tiles of 64, the second half empty
     values = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8)
     zeros = torch.randint(0, 16, (n, k // 128), device="cuda", dtype=torch.uint8)
     weight = Int4Weight(pack_int4(values), torch.ones(n, k // 128, dtype=torch.float16, device="cuda"), zeros)
+    if layout == "scales group by group":
+        weight = weight.group_major()
     identity = torch.eye(k, device="cuda", dtype=torch.bfloat16)
     rows = 16 if isinstance(config, SkinnyConfig) else k  # the skinny kernel takes up to 16 rows a call
     out = torch.cat([int4_matmul(identity[i:i + rows], weight, config=config) for i in range(0, k, rows)])
