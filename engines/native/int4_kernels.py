@@ -25,8 +25,7 @@ import triton
 import triton.language as tl
 
 from engines.native.int4_skinny import MAX_ROWS as SKINNY_MAX_ROWS
-from engines.native.int4_skinny import (MAX_STAGED_BYTES, UNPACK_ASM, SkinnyConfig, fuses_norm, int4_skinny_kernel,
-                                        staged_groups)
+from engines.native.int4_skinny import UNPACK_ASM, SkinnyConfig, fuses_norm, int4_skinny_kernel, staged_groups
 from engines.native.int4_skinny import block_m as skinny_block_m
 from engines.native.quantization import Int4Weight
 
@@ -53,7 +52,8 @@ def _input_of(word_index, j: tl.constexpr):
 
 @triton.jit
 def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, cols, mask_n, K, stride_xm, stride_q,
-                    stride_s, stride_sg, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+                    stride_s, stride_sg, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    NORM: tl.constexpr):
     """sum_k x[row, k] W[cols, k] on CUDA cores, fp32 -> ([BLOCK_N], sum_k x[row, k]^2).
 
     NORM multiplies x by the RMSNorm weight as it loads (the 1 / rms factor, one number per
@@ -188,7 +188,8 @@ def _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, 
     for group in range(first_group, first_group + groups):
         packed = _load_group(qweight_ptr, cols, mask_n, group, stride_q, GROUP)
         acc, squares = _int4_mma_group(acc, squares, packed, x_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m,
-                                       cols, mask_n, group, stride_xm, stride_s, stride_sg, GROUP, BLOCK_M, BLOCK_N, USE_ASM, NORM)
+                                       cols, mask_n, group, stride_xm, stride_s, stride_sg, GROUP, BLOCK_M, BLOCK_N,
+                                       USE_ASM, NORM)
     if NORM:
         acc *= (1.0 / tl.sqrt(squares / K + eps))[None, :]
     return acc
@@ -228,13 +229,13 @@ def _int4_mma_kernel(
     mask_m = rows_m < M
     mask_n = cols < N
     acc = _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols, mask_n,
-                         pid_k * groups, groups, K, eps, stride_xm, stride_q, stride_s, stride_sg, GROUP, BLOCK_M, BLOCK_N,
-                         USE_ASM, NORM)
+                         pid_k * groups, groups, K, eps, stride_xm, stride_q, stride_s, stride_sg, GROUP, BLOCK_M,
+                         BLOCK_N, USE_ASM, NORM)
     up = acc
     if GATED:
         up = _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols + up_offset,
-                            mask_n, pid_k * groups, groups, K, eps, stride_xm, stride_q, stride_s, stride_sg, GROUP, BLOCK_M,
-                            BLOCK_N, USE_ASM, NORM)
+                            mask_n, pid_k * groups, groups, K, eps, stride_xm, stride_q, stride_s, stride_sg, GROUP,
+                            BLOCK_M, BLOCK_N, USE_ASM, NORM)
     if SPLIT_K == 1:
         _store_output(acc, up, out_ptr, residual_ptr, rows_m, mask_m, cols, mask_n, stride_om, stride_rm,
                       GATED, ADD_RESIDUAL)
@@ -335,7 +336,8 @@ SKINNY_WIDE_SHAPE = dict(block_n=128, programs_per_sm=2, num_warps=8)
 
 @functools.cache
 def sm_count(device: int | None = None) -> int:
-    return torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device).multi_processor_count
+    properties = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
+    return properties.multi_processor_count
 
 
 def skinny_config(block_n: int, programs_per_sm: int, num_warps: int) -> SkinnyConfig:
@@ -406,7 +408,7 @@ def _split_k(config: DotConfig, tiles: int, groups: int) -> int:
 
 def _split_k_workspace(out: torch.Tensor, grid: tuple[int, int, int], tile_size: int,
                        gated: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(workspace, counters) for a tensor-core launch on `grid`; without split K the kernel
+    """(workspace, counters) for a tile-kernel launch on `grid`; without split K the kernel
     touches neither, and `out` stands in for both."""
     grid_n, grid_m, split = grid
     if split == 1:
@@ -420,8 +422,8 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
     """x [M, K] (bf16 or fp16) -> [M, N] (or [M, N/2] gated), optionally + residual [M, N].
 
     `norm` = (weight, eps): multiply RMSNorm(x) instead of x; fused into the kernel when its
-    programs see whole rows (the GEMV, the tensor-core kernel without split K), else a
-    kernel of its own first."""
+    programs see whole rows (the GEMV, the tile kernel without split K) or read them for it
+    (the skinny kernel, up to int4_skinny.NORM_ROWS rows), else a kernel of its own first."""
     x = x.contiguous()
     m, k = x.shape
     if config == "auto":
@@ -479,11 +481,9 @@ def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight:
     groups = k // weight.group_size
     block_m = skinny_block_m(m)
     programs = min(config.programs, tiles * groups)
-    slots = staged_groups(tiles * groups, programs, groups)
-    if slots * 8 * block_m * 16 * 2 > MAX_STAGED_BYTES:
-        raise ValueError(f"{config} leaves {slots} groups of x to each program; more programs are needed")
-    workspace, counters = _split_k_buffers.get(tensors[0].device, tiles * config.block_n * block_m * (2 if gated else 1),
-                                               tiles)
+    slots = staged_groups(tiles * groups, programs, groups, block_m)
+    tile_size = config.block_n * block_m * (2 if gated else 1)
+    workspace, counters = _split_k_buffers.get(tensors[0].device, tiles * tile_size, tiles)
     int4_skinny_kernel[(programs,)](
         *tensors, workspace, counters, norm[0] if norm else tensors[0], m, n, k, groups, tiles * groups, n,
         norm[1] if norm else 0.0, *strides, BLOCK_N=config.block_n, BLOCK_M=block_m, SLOTS=slots,

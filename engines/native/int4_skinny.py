@@ -60,9 +60,13 @@ def fuses_norm(rows: int, k: int) -> bool:
     return rows <= NORM_ROWS and triton.next_power_of_2(k) <= NORM_MAX_WIDTH
 
 
-def staged_groups(units: int, programs: int, groups: int) -> int:
-    """How many groups of x one program stages: its units visit consecutive groups (mod `groups`)."""
-    return triton.next_power_of_2(min(triton.cdiv(units, programs), groups))
+def staged_groups(units: int, programs: int, groups: int, rows: int) -> int:
+    """How many groups of x one program stages (`rows` = BLOCK_M): its units visit consecutive
+    groups (mod `groups`). Raises when they would not fit in MAX_STAGED_BYTES."""
+    slots = triton.next_power_of_2(min(triton.cdiv(units, programs), groups))
+    if slots * 8 * rows * WORDS * 2 > MAX_STAGED_BYTES:  # [8 values, rows, 16 words] bf16 a group
+        raise ValueError(f"{programs} programs leave {slots} groups of x to each; more programs are needed")
+    return slots
 
 
 # q goes into the low mantissa bits of 128.0 (bf16 0x4300): two words (consecutive inputs of one
@@ -135,9 +139,9 @@ def _stage_inputs(x_ptr, norm_ptr, stride_xm, M, first_group, groups, staged, su
                   SLOTS: gl.constexpr, BLOCK_M: gl.constexpr, NORM: gl.constexpr):
     """x for the program's groups into shared memory, in the order the MMAs read it: slot s
     holds group (first_group + s) mod groups as [8 (value j), BLOCK_M, 16 (word w)] (rows
-    8 s .. 8 s + 7 of `staged`), value j
-    of word w being input 64 (w // 8) + 8 j + w % 8; and each slot's sum of x per row (for
-    the zero points: x . (q - z) = x . (128 + q) - (128 + z) sum x). NORM: x times RMSNorm's
+    8 s .. 8 s + 7 of `staged`), value j of word w being input 64 (w // 8) + 8 j + w % 8;
+    and each slot's sum of x per row (for the zero points: x . (q - z) = x . (128 + q) -
+    (128 + z) sum x). NORM: x times RMSNorm's
     weight (its 1 / rms goes on the finished sums). All loads at once: one L2 latency."""
     L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [1, 2, 8, 2], [gl.num_warps(), 1, 1, 1], [3, 2, 1, 0])
     slot = gl.arange(0, SLOTS, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L))))
@@ -145,7 +149,8 @@ def _stage_inputs(x_ptr, norm_ptr, stride_xm, M, first_group, groups, staged, su
     m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L))))
     w = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L))))
     group = (first_group + slot) % groups
-    inputs = (group * GROUP)[:, None, None, None] + (j * 8)[None, :, None, None] + ((w // 8) * 64 + w % 8)[None, None, None, :]
+    inputs = ((group * GROUP)[:, None, None, None] + (j * 8)[None, :, None, None]
+              + ((w // 8) * 64 + w % 8)[None, None, None, :])
     mask = ((slot < groups)[:, None, None, None] & (m < M)[None, None, :, None])
     x = gl.load(x_ptr + m[None, None, :, None] * stride_xm + inputs, mask=mask, other=0.0)
     if NORM:
