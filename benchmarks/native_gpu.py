@@ -7,7 +7,8 @@ Llama-3-8B shape with random weights (the same weights in every engine), prompt 
   batching (`generate_batch` with paged sdpa attention) at 8 / 32 / 64 requests;
 - the native engine in bf16 and INT4 (W4A16, RTN at load): batch 1, 8 / 32 / 64 concurrent,
   time to first token of a 2,048-token prompt; INT4 with the LM head in INT4 too (batch 1);
-  SmolLM2-135M's shape at batch 1.
+  SmolLM2-135M's shape at batch 1; INT4 at batch 1 again with every kernel launched only after
+  the one before it has finished (no dependent launch: engines/native/kernels.py).
 One command:
 
     python benchmarks/native_gpu.py [--quick] [--shape llama-3-8b] [--new-tokens 256]
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_timing import median_replay_ms  # noqa: E402
 from engines.base import SamplingParams  # noqa: E402
+from engines.native import kernels  # noqa: E402
 from engines.native.block_manager import BlockManager  # noqa: E402
 from engines.native.model import NAMED_SHAPES, random_state  # noqa: E402
 from engines.native.model_runner import ModelRunner, RunnerConfig  # noqa: E402
@@ -113,6 +115,21 @@ def native_rows(label: str, runner: ModelRunner, bandwidth: float, prompt_len: i
         times = [run_batch(runner, 1, 2048, 1, seed=s)[1] for s in range(3)]
         rows.append(f"{label}, TTFT of a 2,048-token prompt: {statistics.median(times) * 1000:.0f} ms")
     return rows, rate
+
+
+def serial_launch_row(label: str, runner: ModelRunner, prompt_len: int, new_tokens: int) -> str:
+    """Batch 1 with dependent launch switched off, to set beside the default row."""
+    previous, kernels.DEPENDENT_LAUNCH = kernels.DEPENDENT_LAUNCH, False
+    runner.drop_graphs()
+    try:
+        run_batch(runner, 1, prompt_len, 4)  # captures the batch-1 graph again
+        rate, _, _, _ = run_batch(runner, 1, prompt_len, new_tokens)
+        step_ms = replay_ms(runner, 1)
+    finally:
+        kernels.DEPENDENT_LAUNCH = previous
+        runner.drop_graphs()
+    return (f"{label}, batch 1, no dependent launch: {rate:8.1f} tok/s "
+            f"(graph replay alone {step_ms:.2f} ms/token = {1000 / step_ms:.0f} tok/s)")
 
 
 def generate_rate(hf, input_ids: torch.Tensor, new_tokens: int, cache: str) -> str:
@@ -233,6 +250,7 @@ def main(shape: str, prompt_len: int, new_tokens: int, quick: bool, static: bool
     relative = ((logits_of(quantized, check) - reference_logits).norm() / reference_logits.norm()).item()
     rows.append(f"INT4 (RTN g128) prefill logits vs bf16: relative error {relative:.2e} (random weights)")
     rows += native_rows("native int4", quantized, bandwidth, prompt_len, new_tokens)[0]
+    rows.append(serial_launch_row("native int4", quantized, prompt_len, new_tokens))
     del quantized
     torch.cuda.empty_cache()
     head = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, kv_cache_tokens=kv_tokens, quantize="int4",
@@ -247,6 +265,8 @@ def main(shape: str, prompt_len: int, new_tokens: int, quick: bool, static: bool
                             shape="smollm2-135m")
         rows += native_rows(f"smollm2-135m {quantize or 'bf16'}", small, bandwidth, prompt_len, new_tokens,
                             concurrency=(), ttft=False)[0]
+        if quantize:
+            rows.append(serial_launch_row(f"smollm2-135m {quantize}", small, prompt_len, new_tokens))
         del small
     if not quick:
         runner.use_graphs = False

@@ -27,6 +27,7 @@ import triton.language as tl
 from engines.native.int4_skinny import MAX_ROWS as SKINNY_MAX_ROWS
 from engines.native.int4_skinny import UNPACK_ASM, SkinnyConfig, fuses_norm, int4_skinny_kernel, staged_groups
 from engines.native.int4_skinny import block_m as skinny_block_m
+from engines.native.kernels import dependent_launch, rms_norm, silu_and_mul, wait_for_previous_kernel
 from engines.native.quantization import Int4Weight
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm there
@@ -99,10 +100,11 @@ def _int4_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, residual_ptr, norm_ptr,
     N, K, up_offset, stride_xm, stride_om, stride_rm, stride_q, stride_s, stride_sg, eps,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
+    GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, DEPENDENT: tl.constexpr,
 ):
     """NORM: the input is RMSNorm(x) with weight `norm_ptr`, computed here rather than by a
     kernel of its own (at batch 1 a small model's step is mostly launches)."""
+    wait_for_previous_kernel(DEPENDENT)  # kernels.py: dependent launch
     row = tl.program_id(0)  # fastest-varying: the rows of one weight tile run together and share it in L2
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < N
@@ -214,6 +216,7 @@ def _int4_mma_kernel(
     stride_xm, stride_om, stride_rm, stride_q, stride_s, stride_sg, eps,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_ASM: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
+    DEPENDENT: tl.constexpr,
 ):
     """One program per (BLOCK_N outputs, 1/SPLIT_K of K, BLOCK_M rows).
 
@@ -221,6 +224,7 @@ def _int4_mma_kernel(
     atomics, and the program that arrives last (a per-tile counter) takes the sum, runs the
     epilogue and leaves workspace and counter at zero for the next call: split-K in one
     kernel, so that narrow layers (N = 4096) still fill every SM without a second launch."""
+    wait_for_previous_kernel(DEPENDENT)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -437,14 +441,10 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
     grid = _dot_grid(config, weight, m, gated) if isinstance(config, DotConfig) else None
     if norm is not None and (config is None or isinstance(config, SkinnyConfig) and not fuses_norm(m, k)
                              or grid is not None and grid[2] > 1):
-        from engines.native.kernels import rms_norm  # the kernel sees only part of each row: norm first
-
-        x, norm = rms_norm(x, *norm), None
+        x, norm = rms_norm(x, *norm), None  # the kernel sees only part of each row: norm first
     if config is None:
         dense = dequantize(weight, x.dtype)
         if gated:
-            from engines.native.kernels import silu_and_mul
-
             return silu_and_mul(torch.nn.functional.linear(x, dense))
         return torch.nn.functional.linear(x, dense) if residual is None else torch.addmm(residual, x, dense.T)
     rows, _ = weight.shape
@@ -458,8 +458,10 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
     if isinstance(config, SkinnyConfig):
         _launch_skinny(config, tensors, strides, weight, m, n, k, gated, residual is not None, norm)
         return out
+    dependent = dependent_launch(x.device)
     common = dict(GROUP=weight.group_size, GATED=gated, ADD_RESIDUAL=residual is not None,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
+                  num_warps=config.num_warps, num_stages=config.num_stages, DEPENDENT=dependent,
+                  launch_pdl=dependent)
     if isinstance(config, GemvConfig):
         block_k = min(config.block_k, triton.next_power_of_2(k))
         _int4_gemv_kernel[(m, triton.cdiv(n, config.block_n))](
@@ -484,12 +486,13 @@ def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight:
     slots = staged_groups(tiles * groups, programs, groups, block_m)
     tile_size = config.block_n * block_m * (2 if gated else 1)
     workspace, counters = _split_k_buffers.get(tensors[0].device, tiles * tile_size, tiles)
+    dependent = dependent_launch(tensors[0].device)
     int4_skinny_kernel[(programs,)](
         *tensors, workspace, counters, norm[0] if norm else tensors[0], m, n, k, groups, tiles * groups, n,
         norm[1] if norm else 0.0, *strides, BLOCK_N=config.block_n, BLOCK_M=block_m, SLOTS=slots,
         GATED=gated, ADD_RESIDUAL=add_residual, NORM_ROWS=m if norm else 0,
-        NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, num_warps=config.num_warps,
-        maxnreg=_register_cap(programs, config.num_warps, tensors[0].device))
+        NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, DEPENDENT=dependent, num_warps=config.num_warps,
+        maxnreg=_register_cap(programs, config.num_warps, tensors[0].device), launch_pdl=dependent)
 
 
 def _register_cap(programs: int, num_warps: int, device: torch.device) -> int:

@@ -32,6 +32,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 MAX_ROWS = 16  # x is one [16, BLOCK_M <= 16] MMA operand
 GROUP = gl.constexpr(128)  # inputs per quantization group: the kernel's K step
@@ -245,6 +246,7 @@ def int4_skinny_kernel(
     stride_xm, stride_om, stride_rm, stride_q, stride_s, stride_sg,  # scales and zeros: by row, by group
     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SLOTS: gl.constexpr,
     GATED: gl.constexpr, ADD_RESIDUAL: gl.constexpr, NORM_ROWS: gl.constexpr, NORM_BLOCK: gl.constexpr,
+    DEPENDENT: gl.constexpr,
 ):
     """Stream-K: the work is `units` = (BLOCK_N-output tile, group) pairs, tile by tile, and
     program p takes units [p units / P, (p + 1) units / P) of the P programs, so every program
@@ -276,6 +278,9 @@ def int4_skinny_kernel(
     group = first_group
     current = _unit_loads(q_ptr, s_ptr, z_ptr, word_offsets, scale_offsets, tile, group, first <= last, local_a,
                           local_c, N, up_offset, stride_q, stride_s, stride_sg, BLOCK_N, GATED)
+    if DEPENDENT:  # dependent launch (kernels.py): these loads overlap the end of the kernel before
+        gdc_wait()
+        gdc_launch_dependents()
     STAGED: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 1, [1, 0])
     staged = gl.allocate_shared_memory(gl.bfloat16, [SLOTS * 8 * BLOCK_M, WORDS], STAGED)
     SUMS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])

@@ -3,17 +3,56 @@
 Each replaces several torch kernels: at batch 1 a decode step is hundreds of launches, and
 a launch costs microseconds whatever it does. Attention is in attention_kernels.py, the
 INT4 matmul in int4_kernels.py.
+
+Dependent launch (PDL, Hopper and later): the decode path's kernels are launched so that each
+may start while the kernel before it in the stream is still finishing, and each waits for
+that kernel (`wait_for_previous_kernel`) only before it touches anything that kernel may
+write or read: activations, the KV cache, workspaces, its own output. What comes before the
+wait is launch, setup and, in the INT4 kernels, the first loads of their own weights, which
+nothing writes. A kernel lets the next one launch right after its wait; the next one then
+starts on the SMs this one leaves, while its last programs finish.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+# LOWBIT_DEPENDENT_LAUNCH=0 launches every kernel only after the one before it has finished
+# (the benchmarks compare both; a process-wide switch, read at launch time).
+DEPENDENT_LAUNCH = os.environ.get("LOWBIT_DEPENDENT_LAUNCH", "1") != "0"
+
+
+@functools.cache
+def _hopper_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether kernels on `device` launch dependent (PDL; module docstring): on Hopper and
+    later GPUs, not under Triton's interpreter, and not switched off."""
+    return (DEPENDENT_LAUNCH and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and _hopper_or_later(device.index if device.index is not None else torch.cuda.current_device()))
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, stride_row, size, eps, BLOCK: tl.constexpr):
+def wait_for_previous_kernel(DEPENDENT: tl.constexpr):
+    """Under dependent launch: wait until the kernel before this one has finished and its
+    writes are visible, then let the kernel after this one launch. Nothing otherwise."""
+    if DEPENDENT:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, stride_row, size, eps, BLOCK: tl.constexpr,
+                     DEPENDENT: tl.constexpr):
+    wait_for_previous_kernel(DEPENDENT)
     row = tl.program_id(0)
     columns = tl.arange(0, BLOCK)
     mask = columns < size
@@ -26,15 +65,19 @@ def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, stride_row, size, eps, BLOCK: t
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """One kernel instead of eight: x [tokens, hidden] (contiguous) -> same shape and dtype."""
     out = torch.empty_like(x)
+    dependent = dependent_launch(x.device)
     _rms_norm_kernel[(x.shape[0],)](x, weight, out, x.stride(0), x.shape[1], eps,
-                                    BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8)
+                                    BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8, DEPENDENT=dependent,
+                                    launch_pdl=dependent)
     return out
 
 
 @triton.jit
 def _rope_and_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
                            stride_token, stride_angle, stride_slot,
-                           NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr):
+                           NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                           DEPENDENT: tl.constexpr):
+    wait_for_previous_kernel(DEPENDENT)
     token = tl.program_id(0)
     head = tl.program_id(1)  # 0..NUM_HEADS-1: a query head; then the KV heads
     index = tl.arange(0, HALF)
@@ -66,13 +109,17 @@ def rope_and_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     cos/sin fp32 [tokens, head_dim/2]; caches [blocks, block_size, kv_heads, head_dim].
     """
     _, _, kv_heads, head_dim = k_cache.shape
+    dependent = dependent_launch(qkv.device)
     _rope_and_cache_kernel[(qkv.shape[0], num_heads + kv_heads)](
         qkv, cos, sin, slot_mapping, k_cache, v_cache, qkv.stride(0), cos.stride(0), kv_heads * head_dim,
-        NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, HALF=head_dim // 2, num_warps=1)
+        NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, HALF=head_dim // 2, num_warps=1, DEPENDENT=dependent,
+        launch_pdl=dependent)
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, size, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, size, BLOCK: tl.constexpr,
+                         DEPENDENT: tl.constexpr):
+    wait_for_previous_kernel(DEPENDENT)
     row = tl.program_id(0)
     columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = columns < size
@@ -88,13 +135,16 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     size = width // 2
     out = torch.empty((tokens, size), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
+    dependent = dependent_launch(gate_up.device)
     _silu_and_mul_kernel[(tokens, triton.cdiv(size, block))](gate_up, out, gate_up.stride(0), out.stride(0), size,
-                                                            BLOCK=block, num_warps=4)
+                                                            BLOCK=block, num_warps=4, DEPENDENT=dependent,
+                                                            launch_pdl=dependent)
     return out
 
 
 @triton.jit
-def _argmax_kernel(logits_ptr, out_ptr, stride_row, size, BLOCK: tl.constexpr):
+def _argmax_kernel(logits_ptr, out_ptr, stride_row, size, BLOCK: tl.constexpr, DEPENDENT: tl.constexpr):
+    wait_for_previous_kernel(DEPENDENT)
     row = tl.program_id(0)
     best_value = tl.full((), float("-inf"), tl.float32)
     best_index = tl.full((), 0, tl.int64)
@@ -113,5 +163,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     torch.argmax's answer in one pass per row (torch's reduction took 13-28 us for a 49k-128k vocab)."""
     rows, size = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    _argmax_kernel[(rows,)](logits, out, logits.stride(0), size, BLOCK=4096, num_warps=8)
+    dependent = dependent_launch(logits.device)
+    _argmax_kernel[(rows,)](logits, out, logits.stride(0), size, BLOCK=4096, num_warps=8, DEPENDENT=dependent,
+                            launch_pdl=dependent)
     return out

@@ -89,6 +89,12 @@ class ModelRunner:
 
     # --- CUDA graphs for decode ---------------------------------------------------------------
 
+    def drop_graphs(self) -> None:
+        """Forget the captured decode steps; each is captured again when next needed (after a
+        change in how kernels launch, say: a graph replays the launches it captured)."""
+        self._graphs.clear()
+        self._graph_pool = None
+
     def _decode_with_graph(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         count = len(seqs)
         bucket = next(size for size in GRAPH_BATCH_SIZES if size >= count)
