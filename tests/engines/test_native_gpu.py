@@ -201,6 +201,7 @@ def test_argmax_rows_matches_torch_including_ties():
     logits = torch.randn(5, 128256, device="cuda", generator=generator)
     logits[1, [7, 5000, 100000]] = 50.0  # a tie across blocks: the first wins
     logits[2, [4096, 4097]] = 50.0  # a tie inside a block
+    logits[3, [2048, 2047]] = 50.0  # a tie across the boundary of two chunks (kernels.ARGMAX_CHUNK)
     assert torch.equal(argmax_rows(logits), logits.argmax(-1))
 
 
