@@ -17,7 +17,6 @@ gate rows [0, N/2) and the up rows [N/2, N) and writes silu(gate) * up."""
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +26,8 @@ import triton.language as tl
 from engines.native.int4_skinny import MAX_ROWS as SKINNY_MAX_ROWS
 from engines.native.int4_skinny import UNPACK_ASM, SkinnyConfig, fuses_norm, int4_skinny_kernel, staged_groups
 from engines.native.int4_skinny import block_m as skinny_block_m
-from engines.native.kernels import dependent_launch, rms_norm, silu_and_mul, wait_for_previous_kernel
+from engines.native.kernels import INTERPRETED, dependent_launch, rms_norm, silu_and_mul, wait_for_previous_kernel
 from engines.native.quantization import Int4Weight
-
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # no inline asm there
 
 
 @triton.jit
@@ -358,7 +355,7 @@ def kernel_config(rows: int, group_size: int = 128, n: int | None = None,
     dequantize and use cuBLAS."""
     if group_size < 128:  # 8 words a group: too short a step for the tensor-core kernel
         return GEMV_CONFIG if rows <= GEMV_MAX_ROWS else None
-    if rows <= SKINNY_ROWS and dtype == torch.bfloat16 and not _INTERPRETED:
+    if rows <= SKINNY_ROWS and dtype == torch.bfloat16 and not INTERPRETED:
         return skinny_config(**(SKINNY_WIDE_SHAPE if n is not None and n >= WIDE_N else SKINNY_SHAPE))
     if rows <= 16 and n is not None and n < WIDE_N:
         return NARROW_CONFIG
@@ -473,7 +470,7 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
         *tensors, *_split_k_workspace(out, grid, config.block_n * config.block_m, gated), norm[0] if norm else x,
         m, n, k, k // weight.group_size // split, n, *strides, norm[1] if norm else 0.0, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, NORM=norm is not None, SPLIT_K=split,
-        USE_ASM=config.use_asm and x.dtype == torch.bfloat16 and not _INTERPRETED, **common)
+        USE_ASM=config.use_asm and x.dtype == torch.bfloat16 and not INTERPRETED, **common)
     return out
 
 

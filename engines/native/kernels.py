@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: no inline asm, no PDL
+
 # LOWBIT_DEPENDENT_LAUNCH=0 launches every kernel only after the one before it has finished
 # (the benchmarks compare both; a process-wide switch, read at launch time).
 DEPENDENT_LAUNCH = os.environ.get("LOWBIT_DEPENDENT_LAUNCH", "1") != "0"
@@ -36,7 +38,7 @@ def _hopper_or_later(index: int) -> bool:
 def dependent_launch(device: torch.device) -> bool:
     """Whether kernels on `device` launch dependent (PDL; module docstring): on Hopper and
     later GPUs, not under Triton's interpreter, and not switched off."""
-    return (DEPENDENT_LAUNCH and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    return (DEPENDENT_LAUNCH and device.type == "cuda" and not INTERPRETED
             and _hopper_or_later(device.index if device.index is not None else torch.cuda.current_device()))
 
 

@@ -205,26 +205,35 @@ def test_argmax_rows_matches_torch_including_ties():
     assert torch.equal(argmax_rows(logits), logits.argmax(-1))
 
 
-@pytest.mark.parametrize("quantize", [None, "int4"])
-def test_a_captured_decode_step_gives_the_eager_logits(quantize):
+def prefilled_for_decode(runner, lengths: list[int], seed: int, next_token: int) -> list:
+    """Sequences of random prompts of `lengths`, prefilled (their K/V in the cache), each with
+    `next_token` appended: ready for one decode step."""
     from engines.base import SamplingParams
     from engines.native.block_manager import BlockManager
-    from engines.native.model_runner import ModelRunner, RunnerConfig
     from engines.native.sequence import Sequence
 
-    runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, 8192, max_context_tokens=1024, quantize=quantize),
-                         shape="smollm2-135m")
-    manager = BlockManager(runner.num_blocks, 16)
-    generator = torch.Generator().manual_seed(5)
-    seqs = [Sequence(f"s{i}", torch.randint(0, 49152, (n,), generator=generator).tolist(),
-                     SamplingParams(max_tokens=8, temperature=0)) for i, n in enumerate([3, 40, 17])]
+    manager = BlockManager(runner.num_blocks, runner.config.block_size)
+    generator = torch.Generator().manual_seed(seed)
+    vocab = runner.model_config.vocab_size
+    seqs = [Sequence(f"s{i}", torch.randint(0, vocab, (n,), generator=generator).tolist(),
+                     SamplingParams(max_tokens=8, temperature=0)) for i, n in enumerate(lengths)]
     for seq in seqs:
         manager.allocate(seq)
     runner.logits(seqs, True)  # prefill writes the prompts' K/V
     for seq in seqs:
         seq.num_computed_tokens = seq.num_tokens
-        seq.token_ids.append(7)
+        seq.token_ids.append(next_token)
         manager.may_append(seq)
+    return seqs
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_a_captured_decode_step_gives_the_eager_logits(quantize):
+    from engines.native.model_runner import ModelRunner, RunnerConfig
+
+    runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, 8192, max_context_tokens=1024, quantize=quantize),
+                         shape="smollm2-135m")
+    seqs = prefilled_for_decode(runner, [3, 40, 17], seed=5, next_token=7)
     eager = runner.logits(seqs, False)
     runner._decode_with_graph(seqs)  # captures
     poison_allocator()  # memory the graph reads must not have been handed back to the allocator
@@ -237,12 +246,9 @@ def test_dependent_launch_gives_the_logits_of_launching_one_kernel_after_another
     """Each kernel of a step starts before the one it depends on has finished (kernels.py) and
     must wait for it before touching its results: a missing or misplaced wait reads stale
     activations or workspaces and changes the logits."""
-    from engines.base import SamplingParams
     from engines.native import kernels
-    from engines.native.block_manager import BlockManager
     from engines.native.model import NAMED_SHAPES, LlamaConfig
     from engines.native.model_runner import ModelRunner, RunnerConfig
-    from engines.native.sequence import Sequence
 
     if not kernels.dependent_launch(torch.device("cuda")):
         pytest.skip("dependent launch needs a Hopper or later GPU")
@@ -254,17 +260,7 @@ def test_dependent_launch_gives_the_logits_of_launching_one_kernel_after_another
         monkeypatch.setattr(kernels, "DEPENDENT_LAUNCH", dependent)
         runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, 4096, max_context_tokens=1024, quantize="int4"),
                              shape="small-llama")
-        manager = BlockManager(runner.num_blocks, 16)
-        generator = torch.Generator().manual_seed(3)
-        seqs = [Sequence(f"s{i}", torch.randint(0, 32000, (n,), generator=generator).tolist(),
-                         SamplingParams(max_tokens=8, temperature=0)) for i, n in enumerate([1, 30])]
-        for seq in seqs:
-            manager.allocate(seq)
-        runner.logits(seqs, True)
-        for seq in seqs:
-            seq.num_computed_tokens = seq.num_tokens
-            seq.token_ids.append(11)
-            manager.may_append(seq)
+        seqs = prefilled_for_decode(runner, [1, 30], seed=3, next_token=11)
         runner._decode_with_graph(seqs)  # captures
         poison_allocator()
         return runner._decode_with_graph(seqs)[0].clone()
