@@ -1,4 +1,4 @@
-"""The paged decode-attention kernel's time per call for tile / warp / stage choices.
+"""The decode-attention kernel's time per call (rope, cache write and attention) for tile / warp / stage choices.
 
 SmolLM2-135M (9 query heads, 3 KV heads, head_dim 64) and Llama-3-8B (32, 8, 128) heads, at
 batch 1 and 64, contexts of 256 and 2,048 tokens; each timing replays a CUDA graph of 16
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.int4_kernels import graph_time_ms  # noqa: E402
 from engines.native import attention_kernels  # noqa: E402
-from engines.native.attention_kernels import paged_decode_attention  # noqa: E402
+from engines.native.attention_kernels import rope_cache_and_decode_attention  # noqa: E402
 
 HEADS = {"smollm2-135m": (9, 3, 64), "llama-3-8b": (32, 8, 128)}
 BLOCK_SIZE = 16
@@ -36,14 +36,17 @@ def main() -> None:
                                dtype=torch.bfloat16),) * 2 for _ in range(LAYERS)]
         tables = torch.randperm(batch * blocks_per_seq, device="cuda").view(batch, blocks_per_seq)
         lengths = torch.full((batch,), context, device="cuda", dtype=torch.long)
-        q = torch.randn(batch, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-        default = attention_kernels.decode_tile(batch * kv_heads, head_dim, q.device)
+        qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=torch.bfloat16)
+        angles = torch.rand(batch, head_dim // 2, device="cuda") * 100
+        cos, sin = angles.cos(), angles.sin()
+        slots = tables[:, -1] * BLOCK_SIZE + BLOCK_SIZE - 1  # each sequence's last position
+        default = attention_kernels.decode_tile(batch * kv_heads, head_dim, qkv.device)
         times = []
         for tile, warps, stages in [default] + [c for c in tiles if c != default]:
             try:
-                ms = graph_time_ms([lambda k=k, v=v: paged_decode_attention(q, k, v, tables, lengths, head_dim ** -0.5,
-                                                                             (tile, warps, stages))
-                                    for k, v in caches])
+                ms = graph_time_ms([lambda k=k, v=v: rope_cache_and_decode_attention(
+                    qkv, cos, sin, slots, k, v, tables, lengths, heads, head_dim ** -0.5, (tile, warps, stages))
+                    for k, v in caches])
             except Exception as error:  # noqa: BLE001 - a config that does not fit
                 print(f"  tile {tile} warps {warps} stages {stages}: failed ({type(error).__name__})")
                 continue

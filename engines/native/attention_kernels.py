@@ -3,10 +3,13 @@
 Cache layout: [blocks, block_size, kv_heads, head_dim]; a sequence's block table lists its
 blocks in order, so token position p lives in block table[p // block_size], slot p % block_size.
 
-- paged_decode_attention: one query per sequence; one program per (sequence, KV head), which
-  serves all the query heads of that KV head (GQA, padded to 16 rows for the tensor cores) and
-  reads only the sequence's own blocks up to its context length (so a block table padded for
-  CUDA graphs costs nothing), 64 keys per step so that few steps run one after another.
+- rope_cache_and_decode_attention: a decode step's attention in one kernel, one query per
+  sequence: one program per (sequence, KV head) rotates the query heads of that KV head (GQA,
+  padded to 16 rows for the tensor cores) and the new key (RoPE), writes the new key and value
+  into their cache slot, and attends over the sequence's own blocks up to its context length
+  (so a block table padded for CUDA graphs costs nothing), 256 keys a step at small batches so
+  that few steps run one after another. Under dependent launch the first keys' cache lines are
+  brought into L2 while the qkv matmul finishes.
 - paged_prefill_attention: variable-length prompts in one launch, flash-attention style: one
   program per (sequence, BLOCK_M queries, head); keys stream from the cache in BLOCK_N tiles
   up to the causal limit, with a running max and sum.
@@ -23,17 +26,9 @@ from engines.native.kernels import dependent_launch, wait_for_previous_kernel
 
 
 @triton.jit
-def _attend_to_keys(q, k_ptr, v_ptr, table, kv_head, keys, key_mask, visible, scale, running_max, running_sum, acc,
-                    stride_cache_block, stride_cache_slot, stride_cache_head,
-                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """One online-softmax step of queries q [rows, D] over `keys` (positions), read from the cache
-    through the sequence's block table; `visible` [rows, keys] masks what each query may see."""
-    dims = tl.arange(0, HEAD_DIM)
-    blocks = tl.load(table + keys // BLOCK_SIZE, mask=key_mask, other=0)
-    offsets = blocks * stride_cache_block + (keys % BLOCK_SIZE) * stride_cache_slot + kv_head * stride_cache_head
-    k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)  # [keys, D]
-    v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
-    scores = tl.where(visible, tl.dot(q, tl.trans(k)) * scale, float("-inf"))  # [rows, keys] fp32
+def _softmax_step(scores, v, running_max, running_sum, acc):
+    """One online-softmax step: scores [rows, keys] (fp32, -inf where a query may not look) and
+    the keys' values v [keys, D] folded into the running max, sum and weighted values."""
     new_max = tl.maximum(running_max, tl.max(scores, axis=1))
     correction = tl.exp(running_max - new_max)
     weights = tl.exp(scores - new_max[:, None])
@@ -43,33 +38,103 @@ def _attend_to_keys(q, k_ptr, v_ptr, table, kv_head, keys, key_mask, visible, sc
 
 
 @triton.jit
-def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, scale,
-    stride_q_seq, stride_q_head, stride_o_seq, stride_o_head,  # q, out: [seqs, heads, head_dim]
+def _cache_offsets(table, kv_head, keys, key_mask, stride_cache_block, stride_cache_slot, stride_cache_head,
+                   BLOCK_SIZE: tl.constexpr):
+    """Where `keys` (positions) of one KV head live in the cache, through the block table."""
+    blocks = tl.load(table + keys // BLOCK_SIZE, mask=key_mask, other=0)
+    return blocks * stride_cache_block + (keys % BLOCK_SIZE) * stride_cache_slot + kv_head * stride_cache_head
+
+
+@triton.jit
+def _attend_to_keys(q, k_ptr, v_ptr, table, kv_head, keys, key_mask, visible, scale, running_max, running_sum, acc,
+                    stride_cache_block, stride_cache_slot, stride_cache_head,
+                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """One online-softmax step of queries q [rows, D] over `keys` (positions), read from the cache
+    through the sequence's block table; `visible` [rows, keys] masks what each query may see."""
+    dims = tl.arange(0, HEAD_DIM)
+    offsets = _cache_offsets(table, kv_head, keys, key_mask, stride_cache_block, stride_cache_slot,
+                             stride_cache_head, BLOCK_SIZE)
+    k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)  # [keys, D]
+    v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
+    scores = tl.where(visible, tl.dot(q, tl.trans(k)) * scale, float("-inf"))  # [rows, keys] fp32
+    return _softmax_step(scores, v, running_max, running_sum, acc)
+
+
+@triton.jit
+def _rotated(pointers, partner_pointers, mask, cos, sin):
+    """RoPE (rotate-half) of the vectors at `pointers` along their last dim d: x cos + x' sin,
+    with x' the value half a head away (`partner_pointers`) and `sin` negated on the first
+    half (the caller's); fp32."""
+    x = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
+    partner = tl.load(partner_pointers, mask=mask, other=0.0).to(tl.float32)
+    return x * cos + partner * sin
+
+
+@triton.jit
+def _prefetch_to_l2(pointers, mask):
+    """Bring the lines at `pointers` into L2 (no registers held, nothing waited for)."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                              "=r,l,r", [pointers, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _rope_cache_and_decode_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, slot_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, scale,
+    stride_qkv, stride_angle, stride_o_seq, stride_o_head,  # qkv: [seqs, (heads + 2 kv_heads) d]; out: [seqs, heads, d]
     stride_cache_block, stride_cache_slot, stride_cache_head,  # cache: [blocks, block_size, kv_heads, d]
     stride_table_seq,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TILE: tl.constexpr, DEPENDENT: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, DEPENDENT: tl.constexpr,
 ):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    GROUP: tl.constexpr = NUM_HEADS // NUM_KV_HEADS
+    HALF: tl.constexpr = HEAD_DIM // 2
+    dims = tl.arange(0, HEAD_DIM)
+    partner = (dims + HALF) % HEAD_DIM  # rotate-half pairs dim d with d +- HALF
+    # Before the wait, what the qkv matmul does not write: the step's metadata and angles, and
+    # the first tile of keys cached by earlier steps brought into L2 (off the critical path).
+    context_len = tl.load(context_lens_ptr + seq)
+    table = block_tables_ptr + seq * stride_table_seq
+    first_keys = tl.arange(0, TILE)
+    cached = first_keys < context_len - 1
+    LINES: tl.constexpr = max(HEAD_DIM // 64, 1)  # 128-byte lines a 16-bit head spans
+    line = tl.arange(0, LINES) * 64
+    offsets = _cache_offsets(table, kv_head, first_keys, cached, stride_cache_block, stride_cache_slot,
+                             stride_cache_head, BLOCK_SIZE)[:, None] + line[None, :]
+    in_cache = cached[:, None] & (line >= 0)[None, :]
+    _prefetch_to_l2(k_ptr + offsets, in_cache)
+    _prefetch_to_l2(v_ptr + offsets, in_cache)
+    cos = tl.load(cos_ptr + seq * stride_angle + dims % HALF)
+    sin = tl.load(sin_ptr + seq * stride_angle + dims % HALF)
+    sin = tl.where(dims < HALF, -sin, sin)
+    slot = tl.load(slot_ptr + seq)
     # Dependent launch (kernels.py), except that the kernel after this one (o_proj) launches
     # only as this one ends. Launched early, during attention, o_proj left the gate/up matmul
     # after it 11 us slower (a timeline of one step; the cause is not pinned down): Llama-3-8B
     # INT4 at batch 1 took 3,350 us a step that way, 2,666 us this way, 2,870 us with no
-    # dependent launch at all (session 7).
+    # dependent launch at all (session 7). With rope fused here (session 8) an early o_proj
+    # measured even (2,580 us a step against 2,581-2,598), so the simpler order stays.
     if DEPENDENT:
         gdc_wait()
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    context_len = tl.load(context_lens_ptr + seq)
-    heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)  # the query heads this KV head serves (padded to 16)
-    head_mask = tl.arange(0, GROUP_PAD) < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
-                mask=head_mask[:, None], other=0.0)  # [GROUP_PAD, D]
+
+    # The query heads this KV head serves (padded to 16 rows for the tensor cores), rotated;
+    # this KV head's new k (rotated) and v into their cache slot, where the loop reads them.
+    row = qkv_ptr + seq * stride_qkv
+    heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
+    head_mask = (tl.arange(0, GROUP_PAD) < GROUP)[:, None]
+    q = _rotated(row + heads[:, None] * HEAD_DIM + dims[None, :], row + heads[:, None] * HEAD_DIM + partner[None, :],
+                 head_mask, cos[None, :], sin[None, :]).to(k_ptr.dtype.element_ty)
+    k_row = row + (NUM_HEADS + kv_head) * HEAD_DIM
+    new_k = _rotated(k_row + dims, k_row + partner, dims < HEAD_DIM, cos, sin)
+    target = slot * stride_cache_slot + kv_head * stride_cache_head  # slot = block * BLOCK_SIZE + offset
+    tl.store(k_ptr + target + dims, new_k.to(k_ptr.dtype.element_ty))
+    tl.store(v_ptr + target + dims, tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM + dims))
+    tl.debug_barrier()  # the program's own cache writes are in before its threads read the keys
+
     running_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     running_sum = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-    table = block_tables_ptr + seq * stride_table_seq
     for start in range(0, context_len, TILE):  # TILE keys (several cache blocks) per step
         keys = start + tl.arange(0, TILE)
         key_mask = keys < context_len
@@ -78,7 +143,7 @@ def _paged_decode_kernel(
             stride_cache_block, stride_cache_slot, stride_cache_head, HEAD_DIM, BLOCK_SIZE)
     out = acc / running_sum[:, None]
     tl.store(out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=head_mask)
 
 
 # Keys per step, warps, pipeline stages of the decode kernel, measured on an H100 by
@@ -95,24 +160,28 @@ def decode_tile(programs: int, head_dim: int, device: torch.device) -> tuple[int
     return LONG_TILE if head_dim <= 64 or few else SHORT_TILE
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           tile: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """q: [seqs, heads, head_dim] (head_dim contiguous) -> [seqs, heads, head_dim].
-    `tile`: (keys per step, warps, stages); by default `decode_tile`'s choice."""
-    seqs, heads, head_dim = q.shape
-    _, block_size, kv_heads, _ = k_cache.shape
-    keys, num_warps, num_stages = tile or decode_tile(seqs * kv_heads, head_dim, q.device)
-    group = heads // kv_heads
-    out = torch.empty((seqs, heads, head_dim), dtype=q.dtype, device=q.device)
-    dependent = dependent_launch(q.device)
-    _paged_decode_kernel[(seqs, kv_heads)](
-        q, k_cache, v_cache, out, block_tables, context_lens, scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+def rope_cache_and_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                    slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                    block_tables: torch.Tensor, context_lens: torch.Tensor, num_heads: int,
+                                    scale: float, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """One decode step's attention in one kernel: rotate q and k (RoPE), write k and v into their
+    cache slots, attend from q to the sequence's cached keys and the new one.
+
+    qkv: [seqs, (heads + 2 * kv_heads) * head_dim] (q, then k, then v; one token per sequence);
+    cos/sin: fp32 [seqs, head_dim / 2]; caches: [blocks, block_size, kv_heads, head_dim].
+    Returns [seqs, heads, head_dim]. `tile`: (keys per step, warps, stages), else `decode_tile`'s."""
+    seqs = qkv.shape[0]
+    _, block_size, kv_heads, head_dim = k_cache.shape
+    keys, num_warps, num_stages = tile or decode_tile(seqs * kv_heads, head_dim, qkv.device)
+    out = torch.empty((seqs, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    dependent = dependent_launch(qkv.device)
+    _rope_cache_and_decode_kernel[(seqs, kv_heads)](
+        qkv, cos, sin, slot_mapping, k_cache, v_cache, out, block_tables, context_lens, scale,
+        qkv.stride(0), cos.stride(0), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE=keys, num_warps=num_warps, num_stages=num_stages, DEPENDENT=dependent,
-        launch_pdl=dependent,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads,
+        GROUP_PAD=max(triton.next_power_of_2(num_heads // kv_heads), 16), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        TILE=keys, num_warps=num_warps, num_stages=num_stages, DEPENDENT=dependent, launch_pdl=dependent,
     )
     return out
 

@@ -8,8 +8,9 @@ Dependent launch (PDL, Hopper and later): the decode path's kernels are launched
 may start while the kernel before it in the stream is still finishing, and each waits for
 that kernel (`wait_for_previous_kernel`) only before it touches anything that kernel may
 write or read: activations, the KV cache, workspaces, its own output. What comes before the
-wait is launch, setup and, in the INT4 kernels, the first loads of their own weights, which
-nothing writes. A kernel lets the next one launch right after its wait; the next one then
+wait is launch, setup and reads of what no kernel of the step writes: in the INT4 kernels the
+first loads of their own weights, in decode attention the step's metadata and the keys
+earlier steps cached. A kernel lets the next one launch right after its wait; the next one then
 starts on the SMs this one leaves, while its last programs finish.
 """
 
@@ -105,7 +106,8 @@ def _rope_and_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_c
 
 def rope_and_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
                          k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int) -> None:
-    """One kernel for four jobs: rotate q in place, rotate k, write k and v into their cache slots.
+    """One kernel for four jobs: rotate q in place, rotate k, write k and v into their cache slots
+    (prefill; a decode step does this inside its attention kernel, attention_kernels.py).
 
     qkv: [tokens, (heads + 2 * kv_heads) * head_dim] (contiguous, q then k then v);
     cos/sin fp32 [tokens, head_dim/2]; caches [blocks, block_size, kv_heads, head_dim].

@@ -202,15 +202,16 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(tokens, q_size), residual=x)
 
     def _attend_with_kernels(self, qkv, cos, sin, meta, scale) -> torch.Tensor:
-        from engines.native.attention_kernels import paged_decode_attention, paged_prefill_attention
+        from engines.native.attention_kernels import paged_prefill_attention, rope_cache_and_decode_attention
         from engines.native.kernels import rope_and_cache_write
 
+        if not meta.is_prefill:  # one kernel: rope, the cache write and attention
+            return rope_cache_and_decode_attention(qkv, cos, sin, meta.slot_mapping, self.k_cache, self.v_cache,
+                                                   meta.block_tables, meta.context_lens, self.num_heads, scale)
         rope_and_cache_write(qkv, cos, sin, meta.slot_mapping, self.k_cache, self.v_cache, self.num_heads)
         q = qkv[:, :self.num_heads * self.head_dim].view(qkv.shape[0], self.num_heads, self.head_dim)
-        if meta.is_prefill:
-            return paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                           meta.query_start_tensor, meta.max_query_len, scale)
-        return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, scale)
+        return paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
+                                       meta.query_start_tensor, meta.max_query_len, scale)
 
 
 class MLP(nn.Module):

@@ -39,24 +39,43 @@ def paged_cache(generator, lengths, kv_heads, head_dim, block_size=16, spare=7):
     return k_cache, v_cache, block_tables
 
 
-@pytest.mark.parametrize("seed, lengths, heads, kv_heads", [
-    (0, [1], 32, 8), (1, [17, 5, 300], 32, 8), (2, [64] * 8, 9, 3), (3, [1000, 1, 33, 129], 32, 32),
-    (4, [4096, 7], 32, 8),
+@pytest.mark.parametrize("seed, lengths, heads, kv_heads, tile", [
+    (0, [1], 32, 8, None), (1, [17, 5, 300], 32, 8, None), (2, [64] * 8, 9, 3, None),
+    (3, [1000, 1, 33, 129], 32, 32, None), (4, [4096, 7], 32, 8, None), (5, [200, 64, 65], 32, 8, (64, 4, 3)),
 ])
-def test_paged_decode_kernel_matches_the_torch_reference(seed, lengths, heads, kv_heads):
-    from engines.native.attention_kernels import paged_decode_attention
-    from engines.native.model import AttentionMetadata, batched_decode_attention
+def test_decode_kernel_rotates_caches_and_attends_like_the_torch_reference(seed, lengths, heads, kv_heads, tile):
+    from engines.native.attention_kernels import rope_cache_and_decode_attention
+    from engines.native.model import AttentionMetadata, apply_rope, batched_decode_attention
 
     generator = torch.Generator(device="cuda").manual_seed(seed)
     head_dim = 128 if heads != 9 else 64
-    k_cache, v_cache, block_tables = paged_cache(generator, lengths, kv_heads, head_dim)
+    seqs, block_size = len(lengths), 16
+    k_cache, v_cache, block_tables = paged_cache(generator, lengths, kv_heads, head_dim, block_size)
     context = torch.tensor(lengths, device="cuda")
-    q = torch.randn(len(lengths), heads, head_dim, device="cuda", generator=generator).bfloat16()
-    meta = AttentionMetadata(False, torch.zeros(0, dtype=torch.long, device="cuda"), context, block_tables, [])
-    expected = batched_decode_attention(q.float(), k_cache.float(), v_cache.float(), meta, head_dim ** -0.5)
+    slots = torch.stack([block_tables[i, (n - 1) // block_size] * block_size + (n - 1) % block_size
+                         for i, n in enumerate(lengths)])  # where each sequence's new token goes
+    qkv = torch.randn(seqs, (heads + 2 * kv_heads) * head_dim, device="cuda", generator=generator).bfloat16()
+    angles = torch.rand(seqs, head_dim // 2, device="cuda", generator=generator) * 100
+    cos, sin = angles.cos(), angles.sin()
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    q = apply_rope(qkv[:, :q_size].view(seqs, heads, head_dim), cos, sin)
+    k = apply_rope(qkv[:, q_size:q_size + kv_size].view(seqs, kv_heads, head_dim), cos, sin)
+    v = qkv[:, q_size + kv_size:].view(seqs, kv_heads, head_dim)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected_k.view(-1, kv_heads, head_dim)[slots] = k
+    expected_v.view(-1, kv_heads, head_dim)[slots] = v
+    meta = AttentionMetadata(False, slots, context, block_tables, [])
+    expected = batched_decode_attention(q.float(), expected_k.float(), expected_v.float(), meta, head_dim ** -0.5)
     poison_allocator()
-    got = paged_decode_attention(q, k_cache, v_cache, block_tables, context, head_dim ** -0.5)
+    got = rope_cache_and_decode_attention(qkv, cos, sin, slots, k_cache, v_cache, block_tables, context, heads,
+                                          head_dim ** -0.5, tile)
     assert relative_error(got, expected) < 1e-2  # bf16 inputs
+    assert relative_error(k_cache.view(-1, kv_heads, head_dim)[slots], k) < 1e-2  # the new keys, rotated
+    assert torch.equal(v_cache.view(-1, kv_heads, head_dim)[slots], v)
+    for cache, reference in ((k_cache, expected_k), (v_cache, expected_v)):  # and nothing else written
+        cache.view(-1, kv_heads, head_dim)[slots] = 0
+        reference.view(-1, kv_heads, head_dim)[slots] = 0
+        assert torch.equal(cache, reference)
 
 
 @pytest.mark.parametrize("seed, queries, contexts, heads, kv_heads, head_dim", [
