@@ -474,6 +474,29 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
     return out
 
 
+class LaunchTimelines:
+    """For benchmarks: per-program timestamps of skinny launches (int4_skinny's TIMELINE). While
+    one is installed as `int4_kernels.timelines`, each launch stamps the next [max_programs, 8]
+    slice of a ring allocated up front, so that a CUDA graph can be captured with it."""
+
+    def __init__(self, launches: int, max_programs: int, device: torch.device | str = "cuda"):
+        self.buffer = torch.zeros(launches, max_programs, 8, dtype=torch.int64, device=device)
+        self.launched = 0
+
+    def next_slice(self, programs: int) -> torch.Tensor:
+        if programs > self.buffer.shape[1]:
+            raise ValueError(f"{programs} programs, the timeline holds {self.buffer.shape[1]}")
+        self.launched += 1
+        return self.buffer[(self.launched - 1) % self.buffer.shape[0]]
+
+    def latest(self, count: int) -> list[torch.Tensor]:
+        """The slices of the last `count` launches, oldest first (rows of programs that did not run stay 0)."""
+        return [self.buffer[(self.launched - count + i) % self.buffer.shape[0]] for i in range(count)]
+
+
+timelines: LaunchTimelines | None = None
+
+
 def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight: Int4Weight, m: int, n: int, k: int,
                    gated: bool, add_residual: bool, norm: tuple[torch.Tensor, float] | None) -> None:
     tiles = triton.cdiv(n, config.block_n)
@@ -489,6 +512,7 @@ def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight:
         norm[1] if norm else 0.0, *strides, BLOCK_N=config.block_n, BLOCK_M=block_m, SLOTS=slots,
         GATED=gated, ADD_RESIDUAL=add_residual, NORM_ROWS=m if norm else 0,
         NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, DEPENDENT=dependent, num_warps=config.num_warps,
+        TIMELINE=timelines is not None, timeline_ptr=timelines.next_slice(programs) if timelines is not None else None,
         maxnreg=_register_cap(programs, config.num_warps, tensors[0].device), launch_pdl=dependent)
 
 

@@ -129,6 +129,14 @@ def _unit_loads(q_ptr, s_ptr, z_ptr, word_offsets, scale_offsets, tile, group, v
 
 
 @gluon.jit
+def _stamp(timeline_ptr, index, pid):
+    """For benchmarks (TIMELINE): the global timer (ns) into timeline[pid, index]."""
+    now = gl.inline_asm_elementwise(asm="mov.u64 $0, %globaltimer;", constraints="=l,r", args=[pid],
+                                    dtype=gl.int64, is_pure=False, pack=1)
+    gl.store(timeline_ptr + pid * 8 + index, now)
+
+
+@gluon.jit
 def _next_unit(tile, group, groups):
     """The (tile, group) after this one: the tile's next group, or the next tile's first."""
     end_of_tile = group == groups - 1
@@ -246,19 +254,24 @@ def int4_skinny_kernel(
     stride_xm, stride_om, stride_rm, stride_q, stride_s, stride_sg,  # scales and zeros: by row, by group
     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SLOTS: gl.constexpr,
     GATED: gl.constexpr, ADD_RESIDUAL: gl.constexpr, NORM_ROWS: gl.constexpr, NORM_BLOCK: gl.constexpr,
-    DEPENDENT: gl.constexpr,
+    DEPENDENT: gl.constexpr, TIMELINE: gl.constexpr = False, timeline_ptr=None,
 ):
     """Stream-K: the work is `units` = (BLOCK_N-output tile, group) pairs, tile by tile, and
     program p takes units [p units / P, (p + 1) units / P) of the P programs, so every program
     reads the same number of words whatever the shape (whole waves, no tail); a tile that
     two programs share is finished through the workspace. All rows (M <= BLOCK_M) at once.
-    NORM_ROWS > 0: the input is RMSNorm(x) with weight `norm_ptr` (M <= NORM_ROWS)."""
+    NORM_ROWS > 0: the input is RMSNorm(x) with weight `norm_ptr` (M <= NORM_ROWS).
+    TIMELINE (benchmarks/int4_timeline.py): each program stamps int64 [programs, 8] `timeline_ptr`
+    at its start (0), after the wait (1), with x staged (2), with its last unit summed (3) and at
+    its end (4)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, 8])
     A: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)  # weights [BLOCK_N, 16 words]
     B: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)  # x [16 inputs, BLOCK_M rows]
     programs = gl.num_programs(0)
     pid = gl.program_id(0)
+    if TIMELINE:
+        _stamp(timeline_ptr, 0, pid)
     first = pid * units // programs
     last = (pid + 1) * units // programs - 1
     first_group = first % groups
@@ -281,6 +294,8 @@ def int4_skinny_kernel(
     if DEPENDENT:  # dependent launch (kernels.py): these loads overlap the end of the kernel before
         gdc_wait()
         gdc_launch_dependents()
+    if TIMELINE:
+        _stamp(timeline_ptr, 1, pid)
     STAGED: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 1, [1, 0])
     staged = gl.allocate_shared_memory(gl.bfloat16, [SLOTS * 8 * BLOCK_M, WORDS], STAGED)
     SUMS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
@@ -293,6 +308,8 @@ def int4_skinny_kernel(
     staged = staged._reinterpret(gl.bfloat16, [SLOTS * 8, BLOCK_M, WORDS], STAGED)  # a [BLOCK_M, 16] tile a row
     sums = sums._reinterpret(gl.float32, [SLOTS, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0]))  # a slot a row
 
+    if TIMELINE:
+        _stamp(timeline_ptr, 2, pid)
     acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
     up = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
     done = 0  # groups of the current tile summed in acc
@@ -312,6 +329,9 @@ def int4_skinny_kernel(
         done += 1
         slot = gl.where(slot + 1 == groups, 0, slot + 1)  # past the last group, the program wraps to the first
         if (next_tile != tile) | (unit == last):  # the end of this program's share of the tile
+            if TIMELINE:
+                if unit == last:
+                    _stamp(timeline_ptr, 3, pid)
             _finish_tile(acc, up, inverse_rms, tile, done, out_ptr, residual_ptr, workspace_ptr, counters_ptr,
                          rows_m, mask_m, local_c, N, groups, stride_om, stride_rm, BLOCK_N, BLOCK_M, GATED,
                          ADD_RESIDUAL, MMA)
@@ -319,3 +339,5 @@ def int4_skinny_kernel(
             up = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
             done = 0
         tile, group = next_tile, next_group
+    if TIMELINE:
+        _stamp(timeline_ptr, 4, pid)
