@@ -14,7 +14,6 @@ command:
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -73,8 +72,7 @@ def main() -> None:
         previous_end = last_end
     print("\nmedians over the layers, us: " + ", ".join(columns))
     for name in MATMULS:
-        medians = [statistics.median(v for v in values if v == v) if any(v == v for v in values) else float("nan")
-                   for values in zip(*rows[name])]
+        medians = torch.tensor(rows[name]).nanmedian(dim=0).values.tolist()  # o's gap and span: all NaN
         print(f"  {name:8s} " + "  ".join(f"{column} {value:5.2f}" for column, value in zip(columns, medians)))
 
 

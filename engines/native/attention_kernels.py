@@ -102,7 +102,7 @@ def _rope_cache_and_decode_kernel(
     line = tl.arange(0, LINES) * 64
     offsets = _cache_offsets(table, kv_head, first_keys, cached, stride_cache_block, stride_cache_slot,
                              stride_cache_head, BLOCK_SIZE)[:, None] + line[None, :]
-    in_cache = cached[:, None] & (line >= 0)[None, :]
+    in_cache = tl.broadcast_to(cached[:, None], (TILE, LINES))
     _prefetch_to_l2(k_ptr + offsets, in_cache)
     _prefetch_to_l2(v_ptr + offsets, in_cache)
     cos = tl.load(cos_ptr + seq * stride_angle + dims % HALF)
@@ -148,8 +148,10 @@ def _rope_cache_and_decode_kernel(
 
 # Keys per step, warps, pipeline stages of the decode kernel, measured on an H100 by
 # benchmarks/attention_decode.py: with few programs (a small batch) or small heads, 256 keys a
-# step (fewer steps one after another: Llama-3-8B at batch 1, context 256: 8.7 -> 6.0 us;
-# SmolLM2, context 2,048: 38.6 -> 18.3 us); with many programs of 128-wide heads, 64 keys.
+# step (fewer steps one after another; session 4, attention alone: Llama-3-8B at batch 1,
+# context 256: 8.7 -> 6.0 us; SmolLM2, context 2,048: 38.6 -> 18.3 us); with many programs of
+# 128-wide heads, 64 keys. With rope and the cache write in the kernel (session 8) these stay
+# the best or within 6%.
 LONG_TILE = (256, 8, 2)
 SHORT_TILE = (64, 4, 3)
 
