@@ -122,8 +122,9 @@ def candidate_configs(rows: int, group_size: int = 128, n: int | None = None):
     if group_size < 128 and rows <= 4:
         configs += [GemvConfig(*c) for c in itertools.product([4, 8, 16, 32], [1024], [1, 2, 4], [1])]
     elif group_size >= 128 and rows <= SKINNY_MAX_ROWS:
-        configs += [skinny_config(block_n, per_sm, warps)
-                    for block_n, warps, per_sm in [(64, 4, 4), (64, 4, 8), (128, 4, 2), (128, 4, 4), (128, 8, 2)]]
+        configs += [skinny_config(block_n, per_sm, warps, waves)
+                    for block_n, warps, per_sm, waves in [(64, 4, 4, 1), (64, 4, 8, 1), (128, 4, 2, 1), (128, 4, 4, 1),
+                                                          (128, 4, 4, 2), (128, 8, 2, 1), (128, 8, 2, 2)]]
         configs += [DotConfig(16, 128, 528, 4, 3), DotConfig(16, 256, 264, 4, 3)]
     elif group_size >= 128:
         block_m = 16 if rows <= 16 else 64

@@ -329,10 +329,14 @@ WIDE_N, NARROW_CONFIG = 16384, DotConfig(16, 128, 528, 4, 3)
 # Up to 8 bf16 rows: the Gluon kernel (int4_skinny.py), which loads the words where the tensor cores
 # take them (session 6, 1 row: 68 us a layer against the tile kernel's 82; 8 rows: 74; at 16 rows the
 # tile kernel wins). Programs per SM and warps per layer width, from sweeps: 4 programs of 4 warps,
-# and 2 of 8 warps for the widest layer (N >= WIDE_N, Llama-3-8B's gate/up).
+# and 2 of 8 warps for the widest layer (N >= WIDE_N, Llama-3-8B's gate/up). That layer launches two
+# waves of them: in one wave its programs stream at uneven rates and end up to 6 us apart, and with
+# two the CTA scheduler gives the second wave's programs to the SMs that finish first (session 9,
+# Llama-3-8B step at 1 / 4 / 8 rows: 2,632 -> 2,570 / 2,915 -> 2,889 / 3,054 -> 3,036 us). Two waves of
+# the other layers, or of 8-warp programs for them, measured slower.
 SKINNY_ROWS = 8
 SKINNY_SHAPE = dict(block_n=128, programs_per_sm=4, num_warps=4)
-SKINNY_WIDE_SHAPE = dict(block_n=128, programs_per_sm=2, num_warps=8)
+SKINNY_WIDE_SHAPE = dict(block_n=128, programs_per_sm=2, num_warps=8, waves=2)
 
 
 @functools.cache
@@ -341,9 +345,9 @@ def sm_count(device: int | None = None) -> int:
     return properties.multi_processor_count
 
 
-def skinny_config(block_n: int, programs_per_sm: int, num_warps: int) -> SkinnyConfig:
+def skinny_config(block_n: int, programs_per_sm: int, num_warps: int, waves: int = 1) -> SkinnyConfig:
     """A skinny-kernel config whose programs fill whole waves of this GPU's SMs."""
-    return SkinnyConfig(block_n, programs_per_sm * sm_count(), num_warps)
+    return SkinnyConfig(block_n, programs_per_sm * sm_count(), num_warps, waves)
 
 
 Config = GemvConfig | DotConfig | SkinnyConfig
@@ -502,7 +506,7 @@ def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight:
     tiles = triton.cdiv(n, config.block_n)
     groups = k // weight.group_size
     block_m = skinny_block_m(m)
-    programs = min(config.programs, tiles * groups)
+    programs = min(config.programs * config.waves, tiles * groups)
     slots = staged_groups(tiles * groups, programs, groups, block_m)
     tile_size = config.block_n * block_m * (2 if gated else 1)
     workspace, counters = _split_k_buffers.get(tensors[0].device, tiles * tile_size, tiles)
@@ -513,11 +517,12 @@ def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight:
         GATED=gated, ADD_RESIDUAL=add_residual, NORM_ROWS=m if norm else 0,
         NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, DEPENDENT=dependent, num_warps=config.num_warps,
         TIMELINE=timelines is not None, timeline_ptr=timelines.next_slice(programs) if timelines is not None else None,
-        maxnreg=_register_cap(programs, config.num_warps, tensors[0].device), launch_pdl=dependent)
+        maxnreg=_register_cap(min(programs, config.programs), config.num_warps, tensors[0].device),
+        launch_pdl=dependent)
 
 
 def _register_cap(programs: int, num_warps: int, device: torch.device) -> int:
-    """Registers a thread may use so that all `programs` are resident at once (the stream-K
-    split assumes one wave): an SM's 64k registers over the programs it must hold."""
+    """Registers a thread may use so that `programs` are resident at once (a wave): an SM's
+    64k registers over the programs it must hold."""
     per_sm = triton.cdiv(programs, sm_count(device.index))
     return min(255, 65536 // (per_sm * num_warps * 32) // 8 * 8)

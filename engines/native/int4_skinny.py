@@ -42,8 +42,9 @@ WORDS = gl.constexpr(16)  # int32 words per group
 @dataclass(frozen=True)
 class SkinnyConfig:  # stream-K: the (tile, group) units shared out evenly; all rows (<= 16) in one program
     block_n: int  # outputs per tile, a multiple of 16 * num_warps
-    programs: int  # at most this many programs (one a unit at most): a multiple of the SM count
+    programs: int  # programs resident at once (registers are capped to fit them): a multiple of the SM count
     num_warps: int
+    waves: int = 1  # launch waves x programs (one a unit at most): the later ones go to the SMs that finish first
 
 
 NORM_ROWS = 2  # RMSNorm fused for up to this many rows (each program reads them whole: registers)

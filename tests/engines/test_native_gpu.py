@@ -167,7 +167,7 @@ def test_int4_matmul_matches_dequantize_then_matmul(rows, n, k):
 
 
 INT4_PATHS = ["gemv", "tensor cores", "tensor cores, no inline asm", "tensor cores, split K", "skinny, one program",
-              "skinny, a program a group", "skinny, stream K", "dequantize + cuBLAS"]
+              "skinny, a program a group", "skinny, stream K", "skinny, stream K in waves", "dequantize + cuBLAS"]
 
 
 @pytest.mark.parametrize("layout", ["scales row by row", "scales group by group"])
@@ -178,10 +178,12 @@ def test_int4_kernels_unpack_every_value_exactly(path, layout):
     from engines.native.quantization import Int4Weight, pack_int4
 
     # The skinny kernel's programs share out 4 (tile, group) units: all in one (whole tiles, one
-    # after the other), one each (every tile through the workspace), or 1, 1 and 2 (both ways).
+    # after the other), one each (every tile through the workspace), or 1, 1 and 2 (both ways;
+    # also as three waves of one program resident).
     config = dict(zip(INT4_PATHS, [GEMV_CONFIG, DotConfig(64, 64, 1, 4, 3), DotConfig(64, 64, 1, 4, 3, False),
                                    DotConfig(64, 32, 10**6, 4, 3), SkinnyConfig(64, 1, 4),
-                                   SkinnyConfig(64, 10**6, 4), SkinnyConfig(64, 3, 4), None]))[path]
+                                   SkinnyConfig(64, 10**6, 4), SkinnyConfig(64, 3, 4), SkinnyConfig(64, 1, 4, 3),
+                                   None]))[path]
     n, k = 96, 256  # two row tiles of 64, the second half empty
     values = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8)
     zeros = torch.randint(0, 16, (n, k // 128), device="cuda", dtype=torch.uint8)
