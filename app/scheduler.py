@@ -160,6 +160,7 @@ class Scheduler:
         self._limits = limits
         self._observer = observer or NullObserver()
         self._slots: dict[str, list[EngineSlot]] = {}  # model id -> slots
+        self._load_failures: dict[str, list[str]] = {}  # model id -> "engine: error" of engines that failed to load
         self._handles: set[RequestHandle] = set()
         self._health_tasks: set[asyncio.Task] = set()
         self._draining = False
@@ -169,6 +170,11 @@ class Scheduler:
     def expect_model(self, model_id: str) -> None:
         """Declare a model id configured to be served (it may still be loading)."""
         self._slots.setdefault(model_id, [])
+
+    def engine_failed_to_load(self, model_id: str, name: str, error: str) -> None:
+        """Record why an engine of `model_id` never came up: requests for it are told."""
+        self._slots.setdefault(model_id, [])
+        self._load_failures.setdefault(model_id, []).append(f"{name}: {error}")
 
     def add_engine(self, model_id: str, name: str, engine: Engine) -> EngineSlot:
         max_running = min(self._limits.max_running, engine.info.max_concurrency)
@@ -230,7 +236,9 @@ class Scheduler:
         live = [s for s in self._slots[model_id] if s.in_rotation]
         if not live:
             self._observer.request_rejected(model_id, "not_ready")
-            raise NotReady(f"No engine serving '{model_id}' is ready yet.",
+            failures = self._load_failures.get(model_id)
+            reason = f" Failed to load: {'; '.join(failures)}" if failures else ""
+            raise NotReady(f"No engine serving '{model_id}' is ready yet.{reason}",
                            retry_after_s=self._limits.health_check_interval_s)
         with_room = [s for s in live if s.has_room]
         if not with_room:

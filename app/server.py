@@ -144,6 +144,7 @@ async def _load_engines(state: AppState) -> None:
         except Exception as error:  # noqa: BLE001 - a failed engine is reported, not fatal
             record.status, record.error = "failed", f"{type(error).__name__}: {error}"
             log.error("engine %s failed to load: %s", record.name, record.error)
+            state.scheduler.engine_failed_to_load(record.model_id, record.name, record.error)
             continue
         info = record.engine.info
         record.status = "ready"

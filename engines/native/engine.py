@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence as Seq
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -95,6 +96,13 @@ class NativeEngine(LoadingEngine):
                                           quantize=options.quantization,
                                           quantize_lm_head=options.quantize_lm_head), checkpoint)
         self._tokenizer = HFTokenizer(checkpoint)
+        if options.device != "cpu":
+            log.info("native engine: compiling kernels and capturing CUDA graphs for up to %d sequences",
+                     options.max_num_seqs)
+            started = time.perf_counter()
+            captured = runner.warm_up(options.max_num_seqs)
+            log.info("native engine: warmed up in %.1f s (decode graphs for batch sizes %s)",
+                     time.perf_counter() - started, captured)
         self._scheduler = Scheduler(SchedulerConfig(options.max_num_seqs, options.max_num_batched_tokens),
                                     BlockManager(runner.num_blocks, options.block_size, options.prefix_caching))
         self._info = EngineInfo(

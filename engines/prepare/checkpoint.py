@@ -54,6 +54,7 @@ def to_checkpoint(source: Source, work_dir: Path) -> Path:
     from engines.prepare.gguf_tokenizer import build_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(source.path.parent), gguf_file=source.path.name, dtype="float32")
+    drop_gguf_quantizer(model)
     tokenizer = build_tokenizer(source.path)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -63,3 +64,21 @@ def to_checkpoint(source: Source, work_dir: Path) -> Path:
     tokenizer.save_pretrained(partial)
     partial.rename(target)
     return target
+
+
+def drop_gguf_quantizer(model) -> None:
+    """Let a model loaded from a GGUF be saved as the plain float checkpoint it is.
+
+    transformers dequantizes a GGUF's tensors as it loads them, but later versions (5.17, not
+    5.5) also attach a GGUF quantizer that save_pretrained refuses to serialize ("quantized
+    with QuantizationMethod.GGUF and is not serializable"). The weights are floats either way,
+    so the marker goes, and with it the quantization config a reload would act on."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    not_float = sorted({str(p.dtype) for p in model.parameters() if not p.dtype.is_floating_point})
+    if not_float:
+        raise ValueError(f"the GGUF loaded with {', '.join(not_float)} weights; lowbit needs them dequantized")
+    model.hf_quantizer = None
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config

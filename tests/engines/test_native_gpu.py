@@ -263,6 +263,17 @@ def test_a_captured_decode_step_gives_the_eager_logits(quantize):
     assert torch.equal(greedy, eager.argmax(-1))
 
 
+def test_warm_up_captures_the_decode_graphs_and_writes_no_sequence_cache():
+    from engines.native.model_runner import ModelRunner, RunnerConfig
+
+    runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, 8192, max_context_tokens=1024), shape="smollm2-135m")
+    seqs = prefilled_for_decode(runner, [3, 40], seed=9, next_token=5)
+    before = runner.logits(seqs, False)
+    assert runner.warm_up(3) == [1, 2, 4]  # the graphs that hold up to 3 sequences
+    assert sorted(runner._graphs) == [1, 2, 4]
+    assert torch.equal(runner.logits(seqs, False), before)  # the warm-up's prefills went to the scratch block
+
+
 def test_dependent_launch_gives_the_logits_of_launching_one_kernel_after_another(monkeypatch):
     """Each kernel of a step starts before the one it depends on has finished (kernels.py) and
     must wait for it before touching its results: a missing or misplaced wait reads stale

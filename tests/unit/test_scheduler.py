@@ -104,6 +104,9 @@ async def test_unknown_model_and_model_without_engine():
     scheduler.expect_model("loading")
     with pytest.raises(NotReady):
         scheduler.submit(request("y"), "loading")
+    scheduler.engine_failed_to_load("loading", "native-cuda-0", "ValueError: not serializable")
+    with pytest.raises(NotReady, match="Failed to load: native-cuda-0: ValueError: not serializable"):
+        scheduler.submit(request("z"), "loading")
 
 
 async def test_deadline_aborts_a_running_request_in_the_engine():
