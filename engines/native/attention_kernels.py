@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from engines.native.kernels import dependent_launch, wait_for_previous_kernel
+from engines.native.kernels import dependent_launch, sm_count, wait_for_previous_kernel
 
 
 @triton.jit
@@ -110,11 +110,11 @@ def _rope_cache_and_decode_kernel(
     sin = tl.where(dims < HALF, -sin, sin)
     slot = tl.load(slot_ptr + seq)
     # Dependent launch (kernels.py), except that the kernel after this one (o_proj) launches
-    # only as this one ends. Launched early, during attention, o_proj left the gate/up matmul
-    # after it 11 us slower (a timeline of one step; the cause is not pinned down): Llama-3-8B
-    # INT4 at batch 1 took 3,350 us a step that way, 2,666 us this way, 2,870 us with no
-    # dependent launch at all (session 7). With rope fused here (session 8) an early o_proj
-    # measured even (2,580 us a step against 2,581-2,598), so the simpler order stays.
+    # only as this one ends. Launched early, o_proj's programs do not all fit beside this
+    # kernel's, and the late ones hold back every matmul after them in the layer (each is one
+    # wave of equal shares): Llama-3-8B INT4 at batch 1 took 3,350 us a step that way against
+    # 2,666 (session 7), 3,335 against 2,581 (session 9). With o_proj's grid sized to fit beside
+    # this kernel it measured 2,569 (session 9): not worth a grid that must track this one's.
     if DEPENDENT:
         gdc_wait()
 
@@ -158,7 +158,7 @@ SHORT_TILE = (64, 4, 3)
 
 def decode_tile(programs: int, head_dim: int, device: torch.device) -> tuple[int, int, int]:
     """(keys per step, warps, stages) for `programs` (sequences x KV heads) of `head_dim`."""
-    few = programs < 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    few = programs < 2 * sm_count(device.index)
     return LONG_TILE if head_dim <= 64 or few else SHORT_TILE
 
 

@@ -96,7 +96,7 @@ class NativeEngine(LoadingEngine):
                                           quantize=options.quantization,
                                           quantize_lm_head=options.quantize_lm_head), checkpoint)
         self._tokenizer = HFTokenizer(checkpoint)
-        if options.device != "cpu":
+        if runner.device.type == "cuda":  # kernels compile and graphs capture only there
             log.info("native engine: compiling kernels and capturing CUDA graphs for up to %d sequences",
                      options.max_num_seqs)
             started = time.perf_counter()

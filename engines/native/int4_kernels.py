@@ -16,7 +16,6 @@ gate rows [0, N/2) and the up rows [N/2, N) and writes silu(gate) * up."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,8 @@ import triton.language as tl
 from engines.native.int4_skinny import MAX_ROWS as SKINNY_MAX_ROWS
 from engines.native.int4_skinny import UNPACK_ASM, SkinnyConfig, fuses_norm, int4_skinny_kernel, staged_groups
 from engines.native.int4_skinny import block_m as skinny_block_m
-from engines.native.kernels import INTERPRETED, dependent_launch, rms_norm, silu_and_mul, wait_for_previous_kernel
+from engines.native.kernels import (INTERPRETED, dependent_launch, rms_norm, silu_and_mul, sm_count,
+                                    wait_for_previous_kernel)
 from engines.native.quantization import Int4Weight
 
 
@@ -337,12 +337,6 @@ WIDE_N, NARROW_CONFIG = 16384, DotConfig(16, 128, 528, 4, 3)
 SKINNY_ROWS = 8
 SKINNY_SHAPE = dict(block_n=128, programs_per_sm=4, num_warps=4)
 SKINNY_WIDE_SHAPE = dict(block_n=128, programs_per_sm=2, num_warps=8, waves=2)
-
-
-@functools.cache
-def sm_count(device: int | None = None) -> int:
-    properties = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
-    return properties.multi_processor_count
 
 
 def skinny_config(block_n: int, programs_per_sm: int, num_warps: int, waves: int = 1) -> SkinnyConfig:

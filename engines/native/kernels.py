@@ -36,6 +36,13 @@ def _hopper_or_later(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
+@functools.cache
+def sm_count(device: int | None = None) -> int:
+    """The streaming multiprocessors of CUDA device `device` (the current one if None)."""
+    properties = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
+    return properties.multi_processor_count
+
+
 def dependent_launch(device: torch.device) -> bool:
     """Whether kernels on `device` launch dependent (PDL; module docstring): on Hopper and
     later GPUs, not under Triton's interpreter, and not switched off."""
