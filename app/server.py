@@ -88,6 +88,7 @@ def default_engine_builder(settings: Settings) -> EngineBuilder:
             "quantization": None if settings.native_quantization == "none" else settings.native_quantization,
             "prefix_caching": settings.native_prefix_caching,
             "quantize_lm_head": settings.native_quantize_lm_head,
+            "run_ahead": None if settings.native_run_ahead else False,  # None: on a GPU only
         }
         return build_engine(spec.engine, model_path, spec.device, options)
 

@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     native_prefix_caching: bool = Field(True, description="native: reuse the KV cache of prompt prefixes seen before")
     native_quantize_lm_head: bool = Field(
         False, description="native: also quantize the LM head to INT4 (RTN); it stays in bf16 otherwise")
+    native_run_ahead: bool = Field(
+        True, description="native, on a GPU: launch each greedy decode step before the last one's tokens are read")
 
     # --- logs -----------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")

@@ -5,7 +5,9 @@ Llama-3-8B shape with random weights (the same weights in every engine), prompt 
 - the roofline: measured device copy bandwidth / bytes of weights a decode step reads per token;
 - transformers on the same weights: dynamic cache, static cache, and its own paged continuous
   batching (`generate_batch` with paged sdpa attention) at 8 / 32 / 64 requests;
-- the native engine in bf16 and INT4 (W4A16, RTN at load): batch 1, 8 / 32 / 64 concurrent,
+- the native engine in bf16 and INT4 (W4A16, RTN at load), through the engine's StepLoop with
+  decode steps launched ahead: batch 1 (beside it, step by step: alternating runs, medians),
+  8 / 32 / 64 concurrent,
   time to first token of a 2,048-token prompt; INT4 with the LM head in INT4 too (batch 1);
   SmolLM2-135M's shape at batch 1; INT4 at batch 1 again with every kernel launched only after
   the one before it has finished (no dependent launch: engines/native/kernels.py).
@@ -34,6 +36,7 @@ from engines.native.model import NAMED_SHAPES, random_state  # noqa: E402
 from engines.native.model_runner import ModelRunner, RunnerConfig  # noqa: E402
 from engines.native.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from engines.native.sequence import Sequence  # noqa: E402
+from engines.native.step_loop import StepLoop  # noqa: E402
 
 CONCURRENCY = (8, 32, 64)
 
@@ -60,10 +63,14 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (length,), generator=generator).tolist() for _ in range(batch)]
 
 
-def run_batch(runner: ModelRunner, batch: int, prompt_len: int, new_tokens: int, seed: int = 0):
-    """(decode tok/s summed over the batch, prefill s, end-to-end output tok/s, generated ids)."""
+def run_batch(runner: ModelRunner, batch: int, prompt_len: int, new_tokens: int, seed: int = 0,
+              run_ahead: bool = True):
+    """(decode tok/s summed over the batch, prefill s, end-to-end output tok/s, generated ids),
+    through the engine's StepLoop (`run_ahead`: decode steps launched before the host has read
+    the previous one's tokens, as the engine does on a GPU)."""
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=max(8192, batch * prompt_len)),
                           BlockManager(runner.num_blocks, runner.config.block_size))
+    loop = StepLoop(scheduler, runner, frozenset(), run_ahead)
     seqs = [Sequence(f"s{i}", ids, SamplingParams(max_tokens=new_tokens, temperature=0))
             for i, ids in enumerate(prompts(batch, prompt_len, runner.model_config.vocab_size, seed))]
     for seq in seqs:
@@ -71,17 +78,13 @@ def run_batch(runner: ModelRunner, batch: int, prompt_len: int, new_tokens: int,
     torch.cuda.synchronize()
     started = time.perf_counter()
     while scheduler.waiting:  # prefill every prompt (several steps when they exceed the token budget)
-        batch_seqs, is_prefill = scheduler.schedule()
-        scheduler.postprocess(batch_seqs, runner.run(batch_seqs, is_prefill), frozenset())
+        loop.step()
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - started
     decoded = 0
     decode_started = time.perf_counter()
-    while not scheduler.is_idle:
-        batch_seqs, is_prefill = scheduler.schedule()
-        tokens = runner.run(batch_seqs, is_prefill)
-        decoded += len(batch_seqs)
-        scheduler.postprocess(batch_seqs, tokens, frozenset())
+    while not loop.is_idle:
+        decoded += len(loop.step())
     torch.cuda.synchronize()
     finished = time.perf_counter()
     rate = decoded / (finished - decode_started)
@@ -101,10 +104,16 @@ def native_rows(label: str, runner: ModelRunner, bandwidth: float, prompt_len: i
     roofline = bandwidth * 1e9 / weight_bytes
     rows.append(f"{label}: weights read per token {weight_bytes / 1e9:.2f} GB -> batch-1 roofline {roofline:.0f} tok/s")
     run_batch(runner, 1, prompt_len, 4)  # captures the batch-1 graph
-    rate, _, _, _ = run_batch(runner, 1, prompt_len, new_tokens)
+    # Run-ahead on and off alternately, medians: the host's share moves by tens of us between runs.
+    ahead, step_by_step = [], []
+    for _ in range(3):
+        ahead.append(run_batch(runner, 1, prompt_len, new_tokens)[0])
+        step_by_step.append(run_batch(runner, 1, prompt_len, new_tokens, run_ahead=False)[0])
+    rate, serial = statistics.median(ahead), statistics.median(step_by_step)
     step_ms = replay_ms(runner, 1)
     rows.append(f"{label}, batch 1: {rate:8.1f} tok/s = {rate / roofline:.0%} of roofline "
-                f"(graph replay alone {step_ms:.2f} ms/token = {1000 / step_ms:.0f} tok/s)")
+                f"(graph replay alone {step_ms:.2f} ms/token = {1000 / step_ms:.0f} tok/s; step by step, "
+                f"no run-ahead: {serial:.1f} tok/s, run-ahead / step by step {rate / serial:.3f})")
     for batch in concurrency:
         run_batch(runner, batch, prompt_len, 4)
         rate, prefill_s, end_to_end, _ = run_batch(runner, batch, prompt_len, new_tokens)

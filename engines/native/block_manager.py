@@ -94,9 +94,13 @@ class BlockManager:
     def may_append(self, seq: Sequence) -> None:
         """Give the sequence a new block if its next token would not fit."""
         if seq.num_tokens >= len(seq.block_table) * self.block_size:
-            if not self._free:
-                raise RuntimeError("no free KV block; call can_append first")
-            seq.block_table.append(self._take_free_block())
+            self.append_block(seq)
+
+    def append_block(self, seq: Sequence) -> None:
+        """One more block at the end of the sequence's table."""
+        if not self._free:
+            raise RuntimeError("no free KV block; call can_append first")
+        seq.block_table.append(self._take_free_block())
 
     def free(self, seq: Sequence) -> None:
         for index in reversed(range(len(seq.block_table))):  # a prefix's tail is evicted first

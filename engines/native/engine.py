@@ -29,6 +29,7 @@ from engines.byte_level_decoder import CHECK_TEXT, ByteLevelDecoder, checked_dec
 from engines.native.block_manager import BlockManager
 from engines.native.scheduler import Scheduler, SchedulerConfig
 from engines.native.sequence import Sequence
+from engines.native.step_loop import StepFailed, StepLoop
 from engines.request_streams import RequestStreams, stream_request
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ class NativeOptions:
     quantization: str | None = None  # "int4": RTN-quantize a dense checkpoint's linear layers at load
     prefix_caching: bool = True  # share the KV blocks of prompt prefixes seen before
     quantize_lm_head: bool = False  # also RTN-quantize the LM head to INT4 (faster decode, some accuracy)
+    # Launch a greedy decode step before the host has read the previous one's tokens (step_loop.py).
+    # None: on CUDA only (on the CPU a step "launched" is a step computed, so each token would
+    # reach its stream one step late).
+    run_ahead: bool | None = None
 
 
 class HFTokenizer:
@@ -110,7 +115,9 @@ class NativeEngine(LoadingEngine):
             context_length=runner.model_config.max_position_embeddings, quantization=runner.weight_format(),
             max_concurrency=options.max_num_seqs, device_attempts=(DeviceAttempt(options.device.upper()),))
         self._healthy = True
-        self._thread = threading.Thread(target=self._loop, args=(runner,), name="native-engine", daemon=True)
+        run_ahead = options.run_ahead if options.run_ahead is not None else runner.device.type == "cuda"
+        steps = StepLoop(self._scheduler, runner, self._tokenizer.eos_token_ids, run_ahead)
+        self._thread = threading.Thread(target=self._loop, args=(steps,), name="native-engine", daemon=True)
         self._thread.start()
 
     def _checkpoint(self) -> Path:
@@ -155,11 +162,10 @@ class NativeEngine(LoadingEngine):
 
     # --- the engine thread ----------------------------------------------------------------------
 
-    def _loop(self, runner) -> None:
-        scheduler = self._scheduler
-        eos = self.tokenizer.eos_token_ids
+    def _loop(self, steps: StepLoop) -> None:
+        scheduler = steps.scheduler
         while True:
-            commands = [self._commands.get()] if scheduler.is_idle else []
+            commands = [self._commands.get()] if steps.is_idle else []
             while True:
                 try:
                     commands.append(self._commands.get_nowait())
@@ -175,24 +181,21 @@ class NativeEngine(LoadingEngine):
                     except ValueError as error:
                         self._streams.deliver([(seq.seq_id, EngineError(self.kind, str(error)))])
                 elif command == "abort" and scheduler.abort(payload) is not None:
-                    runner.sampler.forget(payload)
-            if scheduler.is_idle:
-                continue
-            seqs, is_prefill = scheduler.schedule()
-            if not seqs:
+                    steps.runner.sampler.forget(payload)
+            if steps.is_idle:
                 continue
             try:
-                tokens = runner.run(seqs, is_prefill)
-            except Exception as error:  # noqa: BLE001 - fail these requests, keep serving
-                log.exception("native: step failed")
-                for seq in seqs:
+                results = steps.step(may_run_ahead=self._commands.empty())
+            except StepFailed as failure:  # fail these requests, keep serving
+                log.error("native: step failed", exc_info=failure.__cause__)
+                for seq in failure.seqs:
                     scheduler.abort(seq.seq_id)
-                self._streams.deliver((seq.seq_id, EngineError(self.kind, f"step failed: {error}")) for seq in seqs)
+                self._streams.deliver((seq.seq_id, EngineError(self.kind, f"step failed: {failure}"))
+                                      for seq in failure.seqs)
                 continue
-            reasons = scheduler.postprocess(seqs, tokens, eos)
             deliveries = []
-            for seq, token, reason in zip(seqs, tokens, reasons):
+            for seq, token, reason in results:
                 deliveries.append((seq.seq_id, GenerationChunk((token,), FinishReason(reason) if reason else None)))
                 if reason:
-                    runner.sampler.forget(seq.seq_id)
+                    steps.runner.sampler.forget(seq.seq_id)
             self._streams.deliver(deliveries)

@@ -59,6 +59,7 @@ class ModelRunner:
         self.scratch_block = self.num_blocks
         self._allocate_kv_cache()
         self.sampler = Sampler()
+        self._token_buffers = _TokenBuffers()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self._graph_pool = None
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
@@ -81,12 +82,33 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """One step: prefill (all uncomputed tokens) or decode (the last token) -> next tokens."""
-        if not is_prefill and self.use_graphs and len(seqs) <= GRAPH_BATCH_SIZES[-1] \
-                and max(seq.num_tokens for seq in seqs) <= self.config.max_context_tokens:
-            logits, greedy = self._decode_with_graph(seqs)
+        if not is_prefill and self._graph_serves(seqs, ahead=False):
+            logits, greedy, _ = self._decode_with_graph(seqs, None)
         else:
             logits, greedy = self.logits(seqs, is_prefill), None
         return self.sampler.sample(logits, [seq.seq_id for seq in seqs], [seq.sampling for seq in seqs], greedy)
+
+    @torch.inference_mode()
+    def launch_decode(self, seqs: list[Sequence], after: PendingTokens | None = None) -> PendingTokens:
+        """A greedy decode step, launched without waiting for it: its tokens come from the
+        returned PendingTokens. `after`: a step of the same sequences (same order) still in
+        flight, whose tokens this one takes as input on the device: each sequence's last token
+        is then one past its `token_ids`, so this step runs before the host has read them."""
+        if after is not None and after.count != len(seqs):
+            raise ValueError(f"a step of {after.count} sequences cannot feed one of {len(seqs)}")
+        if self._graph_serves(seqs, ahead=after is not None):
+            _, greedy, source = self._decode_with_graph(seqs, after)
+            return PendingTokens(greedy, self._token_buffers, source)
+        logits = self.logits(seqs, is_prefill=False, ahead=after.on_device if after is not None else None)
+        if self.device.type == "cuda":
+            from engines.native.kernels import argmax_rows  # Triton: GPUs only
+
+            return PendingTokens(argmax_rows(logits), self._token_buffers)
+        return PendingTokens(logits.argmax(dim=-1), self._token_buffers)
+
+    def _graph_serves(self, seqs: list[Sequence], ahead: bool) -> bool:
+        return self.use_graphs and len(seqs) <= GRAPH_BATCH_SIZES[-1] \
+            and max(seq.num_tokens for seq in seqs) + ahead <= self.config.max_context_tokens
 
     @torch.inference_mode()
     def warm_up(self, max_batch: int) -> list[int]:
@@ -123,37 +145,57 @@ class ModelRunner:
         self._graphs.clear()
         self._graph_pool = None
 
-    def _decode_with_graph(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_with_graph(self, seqs: list[Sequence], after: PendingTokens | None,
+                           ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Replays the captured step of the smallest bucket that holds `seqs` -> (logits, greedy
+        tokens, which replay made them). `after`: a step still in flight whose tokens are this
+        one's input (launch_decode)."""
         count = len(seqs)
         bucket = next(size for size in GRAPH_BATCH_SIZES if size >= count)
         graph, static = self._graphs.get(bucket) or self._capture(bucket)
+        ahead = after is not None
+        # The graph feeds itself the tokens of its previous replay when that replay was the step
+        # before (the usual case); otherwise they are copied in. A copy or a kernel between two
+        # replays costs far more than its own work (not pinned down; H100, SmolLM2 shape in
+        # bf16, steps launched ahead: 1,077 us a step with the tokens copied in, 929 fed in the
+        # graph; INT4 676 and 651: benchmarks/results/run_ahead_h100_2026-11-24_session10.txt).
+        fed_in_graph = ahead and after.source == (bucket, static["replays"])
         block_size = self.config.block_size
         # All of the step's inputs in one pinned host buffer, one copy to the device:
-        # [input ids | positions | slots | context lengths | block tables (bucket x width)].
-        host = static["host"]
-        host[:4 * bucket] = 0
-        table = host[4 * bucket:].reshape(bucket, -1)
+        # [input ids | positions | slots | context lengths | fed (1: the input id is the graph's
+        # previous token) | block tables (bucket x width)]. Two buffers, used in turn: a step
+        # launched ahead fills one while the copy from the other may not have run yet.
+        static["turn"] ^= 1
+        pinned, host = static["pinned"][static["turn"]], static["host"][static["turn"]]
+        host[:5 * bucket] = 0
+        table = host[5 * bucket:].reshape(bucket, -1)
         table[:] = self.scratch_block  # padding rows attend to one token of the scratch block
         host[2 * bucket + count:3 * bucket] = self.scratch_block * block_size
         host[3 * bucket + count:4 * bucket] = 1
         for row, seq in enumerate(seqs):
-            position = seq.num_tokens - 1
-            host[row] = seq.token_ids[position]
+            position = seq.num_tokens - 1 + ahead  # ahead: the last token is still on the device
+            if not ahead:
+                host[row] = seq.token_ids[position]
             host[bucket + row] = position
             host[2 * bucket + row] = seq.block_table[position // block_size] * block_size + position % block_size
-            host[3 * bucket + row] = seq.num_tokens
+            host[3 * bucket + row] = position + 1
+            host[4 * bucket + row] = fed_in_graph
             table[row, :len(seq.block_table)] = seq.block_table
-        static["inputs"].copy_(static["pinned"], non_blocking=True)
+        static["inputs"].copy_(pinned, non_blocking=True)
+        if ahead and not fed_in_graph:
+            static["inputs"][:count].copy_(after.on_device)
         graph.replay()
-        return static["logits"][:count], static["greedy"][:count]
+        static["replays"] += 1
+        return static["logits"][:count], static["greedy"][:count], (bucket, static["replays"])
 
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, dict]:
         width = (self.config.max_context_tokens + self.config.block_size - 1) // self.config.block_size
-        inputs = torch.zeros(4 * bucket + bucket * width, dtype=torch.long, device=self.device)
-        pinned = torch.zeros(inputs.shape, dtype=torch.long, pin_memory=True)
-        static = {"inputs": inputs, "pinned": pinned, "host": pinned.numpy()}
-        input_ids, positions, slots, lengths = inputs[:4 * bucket].view(4, bucket)
-        tables = inputs[4 * bucket:].view(bucket, width)
+        inputs = torch.zeros(5 * bucket + bucket * width, dtype=torch.long, device=self.device)
+        pinned = [torch.zeros(inputs.shape, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        static = {"inputs": inputs, "pinned": pinned, "host": [buffer.numpy() for buffer in pinned], "turn": 0,
+                  "replays": 0}
+        input_ids, positions, slots, lengths, fed = inputs[:5 * bucket].view(5, bucket)
+        tables = inputs[5 * bucket:].view(bucket, width)
         slots.fill_(self.scratch_block * self.config.block_size)
         lengths.fill_(1)
         tables.fill_(self.scratch_block)
@@ -161,9 +203,11 @@ class ModelRunner:
         # Kept in `static`: the graph reads these tensors' memory on every replay, so they must
         # outlive this function (a freed one would be reused by the allocator under the graph).
         last_index = static["last_index"] = torch.arange(bucket, dtype=torch.long, device=self.device)
+        previous_tokens = static["previous_tokens"] = torch.zeros(bucket, dtype=torch.long, device=self.device)
 
         def forward() -> torch.Tensor:
-            return self.model(input_ids, positions, meta, last_index)
+            token_ids = torch.where(fed.bool(), previous_tokens, input_ids)
+            return self.model(token_ids, positions, meta, last_index)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -178,19 +222,23 @@ class ModelRunner:
         with torch.cuda.graph(graph, pool=self._graph_pool), torch.inference_mode():
             static["logits"] = forward()
             static["greedy"] = argmax_rows(static["logits"])  # greedy rows need no other work
+            previous_tokens.copy_(static["greedy"])  # for the next replay, when it is launched ahead
         self._graphs[bucket] = (graph, static)
         return graph, static
 
     @torch.inference_mode()
-    def logits(self, seqs: list[Sequence], is_prefill: bool, every_position: bool = False) -> torch.Tensor:
+    def logits(self, seqs: list[Sequence], is_prefill: bool, every_position: bool = False,
+               ahead: torch.Tensor | None = None) -> torch.Tensor:
         """The step's forward pass: float32 logits [seqs, vocab] at each sequence's last token
-        (or, with `every_position`, at each of its tokens computed in this step)."""
+        (or, with `every_position`, at each of its tokens computed in this step). `ahead`
+        (decode): the sequences' last tokens, on the device, one past their `token_ids`."""
         input_ids, positions, slots, query_start, last_index = [], [], [], [0], []
         block_size = self.config.block_size
+        step_ahead = ahead is not None
         for seq in seqs:
-            start = seq.num_computed_tokens if is_prefill else seq.num_tokens - 1
-            for position in range(start, seq.num_tokens):
-                input_ids.append(seq.token_ids[position])
+            start = seq.num_computed_tokens if is_prefill else seq.num_tokens - 1 + step_ahead
+            for position in range(start, seq.num_tokens + step_ahead):
+                input_ids.append(seq.token_ids[position] if position < seq.num_tokens else 0)
                 positions.append(position)
                 slots.append(seq.block_table[position // block_size] * block_size + position % block_size)
             if every_position:
@@ -206,11 +254,49 @@ class ModelRunner:
         meta = AttentionMetadata(
             is_prefill=is_prefill,
             slot_mapping=torch.tensor(slots, **as_long),
-            context_lens=torch.tensor([seq.num_tokens for seq in seqs], **as_long),
+            context_lens=torch.tensor([seq.num_tokens + step_ahead for seq in seqs], **as_long),
             block_tables=torch.from_numpy(tables).to(self.device),
             query_start=query_start,
             query_start_tensor=torch.tensor(query_start, **as_long) if is_prefill else None,
             max_query_len=max(end - start for start, end in zip(query_start, query_start[1:])),
         )
-        return self.model(torch.tensor(input_ids, **as_long), torch.tensor(positions, **as_long), meta,
-                          torch.tensor(last_index, **as_long))
+        token_ids = ahead.to(torch.long) if step_ahead else torch.tensor(input_ids, **as_long)
+        return self.model(token_ids, torch.tensor(positions, **as_long), meta, torch.tensor(last_index, **as_long))
+
+
+class PendingTokens:
+    """The greedy tokens of a decode step that may still be running on the device. They are
+    copied to a pinned host buffer behind the step (two in turn, so that the next step's copy
+    does not overwrite them before the host has read them); `tokens()` waits for them.
+    `source`: (graph bucket, replay number) when a captured step made them."""
+
+    def __init__(self, greedy: torch.Tensor, buffers: _TokenBuffers, source: tuple[int, int] | None = None):
+        self.on_device = greedy
+        self.count = len(greedy)
+        self.source = source
+        self._host = buffers.next(self.count, greedy.device)
+        self._host.copy_(greedy, non_blocking=True)
+        self._done = torch.cuda.Event() if greedy.device.type == "cuda" else None
+        if self._done is not None:
+            self._done.record()
+
+    def tokens(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
+
+
+class _TokenBuffers:
+    """Two host buffers for PendingTokens, used in turn (pinned on CUDA)."""
+
+    def __init__(self):
+        self._buffers: list[torch.Tensor] = []
+        self._turn = 0
+
+    def next(self, count: int, device: torch.device) -> torch.Tensor:
+        if not self._buffers or self._buffers[0].numel() < count:
+            pin = device.type == "cuda"
+            size = max(count, GRAPH_BATCH_SIZES[-1])
+            self._buffers = [torch.zeros(size, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._turn ^= 1
+        return self._buffers[self._turn][:count]

@@ -81,6 +81,18 @@ class Scheduler:
                 scheduled.append(seq)
         return scheduled, False
 
+    def reserve_one_more(self, seqs: list[Sequence]) -> bool:
+        """Room in every sequence's blocks for a token past the one its running step makes (a
+        step launched before that token is known: StepLoop); False, and nothing taken, when
+        the free blocks do not cover it."""
+        manager = self.block_manager
+        short = [seq for seq in seqs if seq.num_tokens + 1 > len(seq.block_table) * manager.block_size]
+        if len(short) > manager.num_free_blocks:
+            return False
+        for seq in short:
+            manager.append_block(seq)
+        return True
+
     def postprocess(self, seqs: list[Sequence], next_tokens: list[int], eos_token_ids: frozenset[int]) -> list[str | None]:
         """Append each sequence's new token; return its finish reason ("stop", "length") or None."""
         reasons: list[str | None] = []

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from app.default_model import default_model_path  # noqa: E402
 from engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from engines.native.engine import NativeEngine, NativeOptions  # noqa: E402
+from tests.engines.native_steps import run_to_the_end  # noqa: E402
 
 PROMPTS = [
     [{"role": "user", "content": "Write a short story about a fox who finds a key."}],
@@ -33,7 +34,10 @@ def checkpoint(artifacts_dir):
 
 @pytest.fixture(scope="module")
 def engine(checkpoint):
-    engine = NativeEngine(checkpoint, NativeOptions(device="cpu", kv_cache_tokens=8192, block_size=16))
+    # run_ahead (on by default on CUDA only): the greedy tests below then go through step_loop's
+    # steps launched ahead, the sampling test through the step-by-step path.
+    engine = NativeEngine(checkpoint, NativeOptions(device="cpu", kv_cache_tokens=8192, block_size=16,
+                                                    run_ahead=True))
     engine.start()
     yield engine
     engine.stop()
@@ -96,3 +100,45 @@ def test_a_repeated_prompt_reuses_its_cached_prefix_and_answers_the_same(engine)
     second = asyncio.run(generate(engine, "prefix-2", ids, 24))
     assert second == first
     assert manager.num_cached_tokens - before == (len(ids) - 1) // 16 * 16  # every full block but the last token's
+
+
+# --- step_loop: decode steps launched ahead against step by step, on the runner directly -------
+
+@pytest.fixture(scope="module")
+def runner(checkpoint):
+    from engines.native.model_runner import ModelRunner, RunnerConfig
+
+    return ModelRunner(RunnerConfig(device="cpu", kv_cache_tokens=4096, block_size=16), checkpoint)
+
+
+def test_decode_steps_launched_ahead_give_the_tokens_of_step_by_step(engine, runner):
+    prompts = [prompt_ids(engine, messages) for messages in PROMPTS]
+    # Lengths that end inside and at the edge of a 16-token block, and a third sequence that
+    # stops on a token of its own output (found step by step first).
+    greedy = [SamplingParams(max_tokens=n, temperature=0.0) for n in (13, 16, 30)]
+    expected, _ = run_to_the_end(runner, prompts, greedy, run_ahead=False)
+    stop_token = expected["s2"][0][9]
+    greedy[2] = SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=(stop_token,))
+    expected, step_by_step = run_to_the_end(runner, prompts, greedy, run_ahead=False)
+    assert expected["s2"][1] == "stop" and len(expected["s2"][0]) <= 10
+    assert [expected[s][1] for s in ("s0", "s1")] == ["length", "length"]
+
+    ahead, loop = run_to_the_end(runner, prompts, greedy, run_ahead=True)
+    assert ahead == expected
+    assert step_by_step.steps_ahead == 0 and loop.steps_ahead >= 10
+
+
+def test_a_sequence_aborted_while_a_step_runs_ahead_gets_no_more_tokens(engine, runner):
+    prompts = [prompt_ids(engine, messages) for messages in PROMPTS[:2]]
+    greedy = [SamplingParams(max_tokens=20, temperature=0.0)] * 2
+    expected, _ = run_to_the_end(runner, prompts, greedy, run_ahead=False)
+    ahead, loop = run_to_the_end(runner, prompts, greedy, run_ahead=True, abort=("s0", 5))
+    assert ahead["s0"] == (expected["s0"][0][:5], None)  # the step in flight for it was thrown away
+    assert ahead["s1"] == expected["s1"]
+    assert loop.steps_ahead > 0
+
+
+def test_sampled_batches_run_step_by_step(engine, runner):
+    prompts = [prompt_ids(engine, PROMPTS[0])]
+    _, loop = run_to_the_end(runner, prompts, [SamplingParams(max_tokens=8, temperature=0.8, seed=1)], run_ahead=True)
+    assert loop.steps_ahead == 0  # the host draws those tokens, so there is nothing to feed ahead

@@ -256,9 +256,9 @@ def test_a_captured_decode_step_gives_the_eager_logits(quantize):
                          shape="smollm2-135m")
     seqs = prefilled_for_decode(runner, [3, 40, 17], seed=5, next_token=7)
     eager = runner.logits(seqs, False)
-    runner._decode_with_graph(seqs)  # captures
+    runner._decode_with_graph(seqs, None)  # captures
     poison_allocator()  # memory the graph reads must not have been handed back to the allocator
-    graphed, greedy = runner._decode_with_graph(seqs)
+    graphed, greedy, _ = runner._decode_with_graph(seqs, None)
     assert relative_error(graphed, eager) < 1e-2
     assert torch.equal(greedy, eager.argmax(-1))
 
@@ -293,10 +293,36 @@ def test_dependent_launch_gives_the_logits_of_launching_one_kernel_after_another
         runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, 4096, max_context_tokens=1024, quantize="int4"),
                              shape="small-llama")
         seqs = prefilled_for_decode(runner, [1, 30], seed=3, next_token=11)
-        runner._decode_with_graph(seqs)  # captures
+        runner._decode_with_graph(seqs, None)  # captures
         poison_allocator()
-        return runner._decode_with_graph(seqs)[0].clone()
+        return runner._decode_with_graph(seqs, None)[0].clone()
 
     # Stream-K adds partial sums with atomics in the order programs finish, so two runs differ in
     # bf16 rounding (5e-3 measured); a read of stale activations is an error of order 1.
     assert relative_error(decode_logits(True), decode_logits(False)) < 2e-2
+
+
+@pytest.mark.parametrize("graphs", ["captured", "eager", "alternating"])
+def test_decode_steps_launched_ahead_give_the_step_by_step_tokens(graphs, monkeypatch):
+    """step_loop.py on the GPU: each step launched ahead takes the previous step's tokens on the
+    device: a captured step from its own previous replay, an eager one from the argmax of the
+    step before, and (alternating) a captured step after an eager one by a copy; dense bf16
+    weights (cuBLAS: the same sums in every run), lengths that cross KV blocks while steps run
+    ahead."""
+    from engines.base import SamplingParams
+    from engines.native.model_runner import ModelRunner, RunnerConfig
+    from tests.engines.native_steps import run_to_the_end
+
+    runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, 8192, cuda_graphs=graphs != "eager",
+                                      max_context_tokens=1024), shape="smollm2-135m")
+    if graphs == "alternating":
+        calls = iter(range(10 ** 6))
+        serves = runner._graph_serves
+        monkeypatch.setattr(runner, "_graph_serves", lambda seqs, ahead: next(calls) % 2 == 0 and serves(seqs, ahead))
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 49152, (n,), generator=generator).tolist() for n in (5, 30, 17)]
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in (20, 33, 40)]
+    expected, _ = run_to_the_end(runner, prompts, params, run_ahead=False)
+    ahead, loop = run_to_the_end(runner, prompts, params, run_ahead=True)
+    assert ahead == expected
+    assert loop.steps_ahead >= 25

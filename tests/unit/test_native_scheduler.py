@@ -40,6 +40,25 @@ def test_a_new_block_only_when_the_last_one_is_full():
     assert len(s.block_table) == 2
 
 
+def test_room_for_a_step_ahead_is_one_token_past_the_running_step_or_nothing():
+    scheduler = Scheduler(SchedulerConfig(), BlockManager(num_blocks=6, block_size=4))
+    manager = scheduler.block_manager
+    a, b = seq("a", 3, 8), seq("b", 7, 8)
+    scheduler.add(a), scheduler.add(b)
+    scheduler.schedule()  # prefill
+    scheduler.postprocess([a, b], [5, 5], EOS)  # a: 4 tokens, b: 8
+    scheduler.schedule()  # decode: room for the tokens it makes (5th, 9th) -> a 2 blocks, b 3, 1 free
+    assert manager.num_free_blocks == 1
+    for _ in range(4):  # steps ahead write a's 5th-8th and b's 9th-12th tokens: all inside their blocks
+        assert scheduler.reserve_one_more([a, b]) and manager.num_free_blocks == 1
+        scheduler.postprocess([a, b], [5, 5], EOS)
+    assert [a.num_tokens, b.num_tokens] == [8, 12]
+    assert not scheduler.reserve_one_more([a, b])  # each needs a block for its 9th / 13th; 1 is free
+    assert [len(a.block_table), len(b.block_table), manager.num_free_blocks] == [2, 3, 1]  # nothing taken
+    assert scheduler.reserve_one_more([a])
+    assert [len(a.block_table), manager.num_free_blocks] == [3, 0]
+
+
 def test_prefill_runs_before_decode_and_respects_the_token_budget():
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10), BlockManager(64, 4))
     for name in "abc":
