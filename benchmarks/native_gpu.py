@@ -10,7 +10,8 @@ Llama-3-8B shape with random weights (the same weights in every engine), prompt 
   8 / 32 / 64 concurrent,
   time to first token of a 2,048-token prompt; INT4 with the LM head in INT4 too (batch 1);
   SmolLM2-135M's shape at batch 1; INT4 at batch 1 again with every kernel launched only after
-  the one before it has finished (no dependent launch: engines/native/kernels.py).
+  the one before it has finished (no dependent launch: engines/native/kernels.py), and after a
+  4,096-token prompt with decode attention's context in chunks and in one (attention_kernels.py).
 One command:
 
     python benchmarks/native_gpu.py [--quick] [--shape llama-3-8b] [--new-tokens 256]
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_timing import median_replay_ms  # noqa: E402
 from engines.base import SamplingParams  # noqa: E402
-from engines.native import kernels  # noqa: E402
+from engines.native import attention_kernels, kernels  # noqa: E402
 from engines.native.block_manager import BlockManager  # noqa: E402
 from engines.native.model import NAMED_SHAPES, random_state  # noqa: E402
 from engines.native.model_runner import ModelRunner, RunnerConfig  # noqa: E402
@@ -139,6 +140,25 @@ def serial_launch_row(label: str, runner: ModelRunner, prompt_len: int, new_toke
         runner.drop_graphs()
     return (f"{label}, batch 1, no dependent launch: {rate:8.1f} tok/s "
             f"(graph replay alone {step_ms:.2f} ms/token = {1000 / step_ms:.0f} tok/s)")
+
+
+def long_context_row(label: str, runner: ModelRunner, prompt_len: int = 4096, new_tokens: int = 128) -> str:
+    """Batch 1 after a long prompt, decode attention with the context cut into chunks (the
+    default) and in one chunk per KV head, alternating, medians of 3."""
+    rates = {}
+    for _ in range(3):
+        for max_splits in (attention_kernels.MAX_SPLITS, 1):
+            previous, attention_kernels.MAX_SPLITS = attention_kernels.MAX_SPLITS, max_splits
+            runner.drop_graphs()  # captured again with this split count
+            try:
+                run_batch(runner, 1, prompt_len, 4)
+                rates.setdefault(max_splits, []).append(run_batch(runner, 1, prompt_len, new_tokens)[0])
+            finally:
+                attention_kernels.MAX_SPLITS = previous
+    runner.drop_graphs()
+    split, single = (statistics.median(rates[key]) for key in sorted(rates, reverse=True))
+    return (f"{label}, batch 1 after a {prompt_len:,}-token prompt: {split:8.1f} tok/s "
+            f"(attention in one chunk per KV head: {single:.1f} tok/s; {split / single:.2f}x)")
 
 
 def generate_rate(hf, input_ids: torch.Tensor, new_tokens: int, cache: str) -> str:
@@ -260,6 +280,7 @@ def main(shape: str, prompt_len: int, new_tokens: int, quick: bool, static: bool
     rows.append(f"INT4 (RTN g128) prefill logits vs bf16: relative error {relative:.2e} (random weights)")
     rows += native_rows("native int4", quantized, bandwidth, prompt_len, new_tokens)[0]
     rows.append(serial_launch_row("native int4", quantized, prompt_len, new_tokens))
+    rows.append(long_context_row("native int4", quantized))
     del quantized
     torch.cuda.empty_cache()
     head = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, kv_cache_tokens=kv_tokens, quantize="int4",

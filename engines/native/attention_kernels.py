@@ -80,24 +80,36 @@ def _prefetch_to_l2(pointers, mask):
 @triton.jit
 def _rope_cache_and_decode_kernel(
     qkv_ptr, cos_ptr, sin_ptr, slot_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, scale,
+    workspace_ptr, counters_ptr,  # SPLITS > 1: partial results [seqs, kv heads, splits, ...] and arrivals
     stride_qkv, stride_angle, stride_o_seq, stride_o_head,  # qkv: [seqs, (heads + 2 kv_heads) d]; out: [seqs, heads, d]
     stride_cache_block, stride_cache_slot, stride_cache_head,  # cache: [blocks, block_size, kv_heads, d]
     stride_table_seq,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, DEPENDENT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLITS: tl.constexpr, DEPENDENT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     GROUP: tl.constexpr = NUM_HEADS // NUM_KV_HEADS
     HALF: tl.constexpr = HEAD_DIM // 2
     dims = tl.arange(0, HEAD_DIM)
     partner = (dims + HALF) % HEAD_DIM  # rotate-half pairs dim d with d +- HALF
-    # Before the wait, what the qkv matmul does not write: the step's metadata and angles, and
-    # the first tile of keys cached by earlier steps brought into L2 (off the critical path).
+    # The context is cut into `active` chunks of whole tiles, at most SPLITS (one tile's worth
+    # at least, so a short context is one chunk: the kernel without splits); program `split`
+    # attends to chunk `split` and the last one also writes the new key and value.
     context_len = tl.load(context_lens_ptr + seq)
+    chunk = tl.cdiv(tl.cdiv(context_len, SPLITS), TILE) * TILE
+    active = tl.cdiv(context_len, chunk)
+    if split >= active:
+        return
+    chunk_start = split * chunk
+    chunk_end = tl.minimum(chunk_start + chunk, context_len)
+    owner = split == active - 1  # its chunk holds the new token
+    # Before the wait, what the qkv matmul does not write: the step's metadata and angles, and
+    # the chunk's first tile of keys cached by earlier steps brought into L2 (off the critical path).
     table = block_tables_ptr + seq * stride_table_seq
-    first_keys = tl.arange(0, TILE)
-    cached = first_keys < context_len - 1
+    first_keys = chunk_start + tl.arange(0, TILE)
+    cached = first_keys < tl.minimum(chunk_end, context_len - 1)
     LINES: tl.constexpr = max(HEAD_DIM // 64, 1)  # 128-byte lines a 16-bit head spans
     line = tl.arange(0, LINES) * 64
     offsets = _cache_offsets(table, kv_head, first_keys, cached, stride_cache_block, stride_cache_slot,
@@ -125,25 +137,64 @@ def _rope_cache_and_decode_kernel(
     head_mask = (tl.arange(0, GROUP_PAD) < GROUP)[:, None]
     q = _rotated(row + heads[:, None] * HEAD_DIM + dims[None, :], row + heads[:, None] * HEAD_DIM + partner[None, :],
                  head_mask, cos[None, :], sin[None, :]).to(k_ptr.dtype.element_ty)
-    k_row = row + (NUM_HEADS + kv_head) * HEAD_DIM
-    new_k = _rotated(k_row + dims, k_row + partner, dims < HEAD_DIM, cos, sin)
-    target = slot * stride_cache_slot + kv_head * stride_cache_head  # slot = block * BLOCK_SIZE + offset
-    tl.store(k_ptr + target + dims, new_k.to(k_ptr.dtype.element_ty))
-    tl.store(v_ptr + target + dims, tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM + dims))
-    tl.debug_barrier()  # the program's own cache writes are in before its threads read the keys
+    if owner:
+        k_row = row + (NUM_HEADS + kv_head) * HEAD_DIM
+        new_k = _rotated(k_row + dims, k_row + partner, dims < HEAD_DIM, cos, sin)
+        target = slot * stride_cache_slot + kv_head * stride_cache_head  # slot = block * BLOCK_SIZE + offset
+        tl.store(k_ptr + target + dims, new_k.to(k_ptr.dtype.element_ty))
+        tl.store(v_ptr + target + dims, tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM + dims))
+        tl.debug_barrier()  # the program's own cache writes are in before its threads read the keys
 
     running_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     running_sum = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-    for start in range(0, context_len, TILE):  # TILE keys (several cache blocks) per step
+    for start in range(chunk_start, chunk_end, TILE):  # TILE keys (several cache blocks) per step
         keys = start + tl.arange(0, TILE)
-        key_mask = keys < context_len
+        key_mask = keys < chunk_end
         running_max, running_sum, acc = _attend_to_keys(
             q, k_ptr, v_ptr, table, kv_head, keys, key_mask, key_mask[None, :], scale, running_max, running_sum, acc,
             stride_cache_block, stride_cache_slot, stride_cache_head, HEAD_DIM, BLOCK_SIZE)
-    out = acc / running_sum[:, None]
-    tl.store(out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=head_mask)
+    out_rows = out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :]
+    if SPLITS == 1:
+        tl.store(out_rows, (acc / running_sum[:, None]).to(out_ptr.dtype.element_ty), mask=head_mask)
+    elif active == 1:
+        tl.store(out_rows, (acc / running_sum[:, None]).to(out_ptr.dtype.element_ty), mask=head_mask)
+    else:
+        _merge_chunks(acc, running_max, running_sum, out_rows, head_mask, workspace_ptr, counters_ptr,
+                      seq * NUM_KV_HEADS + kv_head, split, active, SPLITS, GROUP_PAD, HEAD_DIM)
+
+
+@triton.jit
+def _merge_chunks(acc, running_max, running_sum, out_rows, head_mask, workspace_ptr, counters_ptr, pair, split,
+                  active, SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Split context: each chunk's softmax state (weighted values, max, sum) goes to the
+    workspace; the program that arrives last (a counter per sequence and KV head) merges the
+    `active` chunks into the output and leaves the counter at zero for the next call."""
+    PARTIAL: tl.constexpr = GROUP_PAD * HEAD_DIM + 2 * GROUP_PAD  # floats per chunk
+    rows = tl.arange(0, GROUP_PAD)
+    cells = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    mine = workspace_ptr + (pair * SPLITS + split) * PARTIAL
+    tl.store(mine + cells, acc)
+    tl.store(mine + GROUP_PAD * HEAD_DIM + rows, running_max)
+    tl.store(mine + GROUP_PAD * HEAD_DIM + GROUP_PAD + rows, running_sum)
+    tl.debug_barrier()  # every thread's stores are in before the counter moves
+    arrived = tl.atomic_add(counters_ptr + pair, 1, sem="acq_rel")
+    if arrived == active - 1:  # the last chunk in: merge them all
+        tl.debug_barrier()
+        total_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+        for chunk in range(0, active):
+            chunk_max = tl.load(workspace_ptr + (pair * SPLITS + chunk) * PARTIAL + GROUP_PAD * HEAD_DIM + rows,
+                                cache_modifier=".cg")  # from L2, where the other programs' stores landed
+            total_max = tl.maximum(total_max, chunk_max)
+        merged = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
+        total_sum = tl.zeros((GROUP_PAD,), tl.float32)
+        for chunk in range(0, active):
+            theirs = workspace_ptr + (pair * SPLITS + chunk) * PARTIAL
+            weight = tl.exp(tl.load(theirs + GROUP_PAD * HEAD_DIM + rows, cache_modifier=".cg") - total_max)
+            total_sum += weight * tl.load(theirs + GROUP_PAD * HEAD_DIM + GROUP_PAD + rows, cache_modifier=".cg")
+            merged += weight[:, None] * tl.load(theirs + cells, cache_modifier=".cg")
+        tl.store(counters_ptr + pair, 0)
+        tl.store(out_rows, (merged / total_sum[:, None]).to(out_rows.dtype.element_ty), mask=head_mask)
 
 
 # Keys per step, warps, pipeline stages of the decode kernel, measured on an H100 by
@@ -162,28 +213,67 @@ def decode_tile(programs: int, head_dim: int, device: torch.device) -> tuple[int
     return LONG_TILE if head_dim <= 64 or few else SHORT_TILE
 
 
+MAX_SPLITS = 16
+
+
+def context_splits(programs: int, device: torch.device) -> int:
+    """Chunks a long context is cut into for `programs` (sequences x KV heads): enough programs
+    to fill the SMs, at most MAX_SPLITS (one chunk whenever the programs already fill them)."""
+    return max(1, min(MAX_SPLITS, sm_count(device.index) // programs))
+
+
+class _MergeBuffers:
+    """The workspace and arrival counters of split-context attention, per device. They grow
+    only outside CUDA-graph capture (the capture's warm-up runs the same shapes); the counters
+    are left at zero by every call, and a grown-out pair stays alive for graphs captured on it."""
+
+    def __init__(self):
+        self._by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def get(self, device: torch.device, floats: int, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kept = self._by_device.setdefault(device, [])
+        if kept and kept[-1][0].numel() >= floats and kept[-1][1].numel() >= pairs:
+            return kept[-1]
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the attention workspace must grow before CUDA-graph capture: run the shape once first")
+        kept.append((torch.empty(max(floats, kept[-1][0].numel() if kept else 0), dtype=torch.float32, device=device),
+                     torch.zeros(max(pairs, kept[-1][1].numel() if kept else 0), dtype=torch.int32, device=device)))
+        return kept[-1]
+
+
+_merge_buffers = _MergeBuffers()
+
+
 def rope_cache_and_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                                     slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                     block_tables: torch.Tensor, context_lens: torch.Tensor, num_heads: int,
-                                    scale: float, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+                                    scale: float, tile: tuple[int, int, int] | None = None,
+                                    splits: int | None = None) -> torch.Tensor:
     """One decode step's attention in one kernel: rotate q and k (RoPE), write k and v into their
     cache slots, attend from q to the sequence's cached keys and the new one.
 
     qkv: [seqs, (heads + 2 * kv_heads) * head_dim] (q, then k, then v; one token per sequence);
     cos/sin: fp32 [seqs, head_dim / 2]; caches: [blocks, block_size, kv_heads, head_dim].
-    Returns [seqs, heads, head_dim]. `tile`: (keys per step, warps, stages), else `decode_tile`'s."""
+    Returns [seqs, heads, head_dim]. `tile`: (keys per step, warps, stages), else `decode_tile`'s;
+    `splits`: the most chunks a context is cut into, else `context_splits`'."""
     seqs = qkv.shape[0]
     _, block_size, kv_heads, head_dim = k_cache.shape
     keys, num_warps, num_stages = tile or decode_tile(seqs * kv_heads, head_dim, qkv.device)
+    splits = splits or context_splits(seqs * kv_heads, qkv.device)
+    group_pad = max(triton.next_power_of_2(num_heads // kv_heads), 16)
     out = torch.empty((seqs, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    workspace, counters = out, out  # untouched without splits
+    if splits > 1:
+        workspace, counters = _merge_buffers.get(qkv.device, seqs * kv_heads * splits * group_pad * (head_dim + 2),
+                                                 seqs * kv_heads)
     dependent = dependent_launch(qkv.device)
-    _rope_cache_and_decode_kernel[(seqs, kv_heads)](
-        qkv, cos, sin, slot_mapping, k_cache, v_cache, out, block_tables, context_lens, scale,
+    _rope_cache_and_decode_kernel[(seqs, kv_heads, splits)](
+        qkv, cos, sin, slot_mapping, k_cache, v_cache, out, block_tables, context_lens, scale, workspace, counters,
         qkv.stride(0), cos.stride(0), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads,
-        GROUP_PAD=max(triton.next_power_of_2(num_heads // kv_heads), 16), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE=keys, num_warps=num_warps, num_stages=num_stages, DEPENDENT=dependent, launch_pdl=dependent,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        TILE=keys, SPLITS=splits, num_warps=num_warps, num_stages=num_stages, DEPENDENT=dependent,
+        launch_pdl=dependent,
     )
     return out
 

@@ -39,11 +39,16 @@ def paged_cache(generator, lengths, kv_heads, head_dim, block_size=16, spare=7):
     return k_cache, v_cache, block_tables
 
 
-@pytest.mark.parametrize("seed, lengths, heads, kv_heads, tile", [
-    (0, [1], 32, 8, None), (1, [17, 5, 300], 32, 8, None), (2, [64] * 8, 9, 3, None),
-    (3, [1000, 1, 33, 129], 32, 32, None), (4, [4096, 7], 32, 8, None), (5, [200, 64, 65], 32, 8, (64, 4, 3)),
+# Splits (None: attention_kernels.context_splits): [1] is one chunk, [17, 5, 300] cuts 300 in two
+# chunks of 256 keys, [4096, 7] in eight, [1000, 1, 33, 129] with 32 KV heads fills the SMs
+# unsplit; the last case forces 16 splits on 64-key tiles (2,100 keys: 11 chunks of 192).
+@pytest.mark.parametrize("seed, lengths, heads, kv_heads, tile, splits", [
+    (0, [1], 32, 8, None, None), (1, [17, 5, 300], 32, 8, None, None), (2, [64] * 8, 9, 3, None, None),
+    (3, [1000, 1, 33, 129], 32, 32, None, None), (4, [4096, 7], 32, 8, None, None),
+    (5, [200, 64, 65], 32, 8, (64, 4, 3), None), (6, [2100, 257, 256, 1], 32, 8, (64, 4, 3), 16),
 ])
-def test_decode_kernel_rotates_caches_and_attends_like_the_torch_reference(seed, lengths, heads, kv_heads, tile):
+def test_decode_kernel_rotates_caches_and_attends_like_the_torch_reference(seed, lengths, heads, kv_heads, tile,
+                                                                           splits):
     from engines.native.attention_kernels import rope_cache_and_decode_attention
     from engines.native.model import AttentionMetadata, apply_rope, batched_decode_attention
 
@@ -68,7 +73,7 @@ def test_decode_kernel_rotates_caches_and_attends_like_the_torch_reference(seed,
     expected = batched_decode_attention(q.float(), expected_k.float(), expected_v.float(), meta, head_dim ** -0.5)
     poison_allocator()
     got = rope_cache_and_decode_attention(qkv, cos, sin, slots, k_cache, v_cache, block_tables, context, heads,
-                                          head_dim ** -0.5, tile)
+                                          head_dim ** -0.5, tile, splits)
     assert relative_error(got, expected) < 1e-2  # bf16 inputs
     assert relative_error(k_cache.view(-1, kv_heads, head_dim)[slots], k) < 1e-2  # the new keys, rotated
     assert torch.equal(v_cache.view(-1, kv_heads, head_dim)[slots], v)
