@@ -9,7 +9,9 @@ blocks in order, so token position p lives in block table[p // block_size], slot
   into their cache slot, and attends over the sequence's own blocks up to its context length
   (so a block table padded for CUDA graphs costs nothing), 256 keys a step at small batches so
   that few steps run one after another. Under dependent launch the first keys' cache lines are
-  brought into L2 while the qkv matmul finishes.
+  brought into L2 while the qkv matmul finishes. When those programs are too few to fill the
+  SMs (small batches), a long context is cut into chunks, one program each, merged by the last
+  to finish (flash-decoding; Llama-3-8B at batch 1 and 8,192 tokens: 24 us against 100).
 - paged_prefill_attention: variable-length prompts in one launch, flash-attention style: one
   program per (sequence, BLOCK_M queries, head); keys stream from the cache in BLOCK_N tiles
   up to the causal limit, with a running max and sum.
