@@ -267,20 +267,30 @@ def _int4_mma_kernel(
 @triton.jit
 def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, stride_q, stride_s, stride_sg, stride_o,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(q - z) s of a [BLOCK_N, BLOCK_K] tile, stored row by row in input order: word 8 b + r
+    holds inputs 64 b + 8 j + r, so the eight values of each word are joined into [.., word, j]
+    and the tile permuted to [.., b, j, r] in registers (written value by value, with each
+    value's inputs 8 apart, 2-byte stores made a prefill's dequantization slow)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     word_index = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     packed = tl.load(qweight_ptr + rows[:, None] * stride_q + word_index[None, :])
     groups = rows[:, None] * stride_s + (word_index // (GROUP // 8))[None, :] * stride_sg
     scale = tl.load(scales_ptr + groups).to(tl.float32)
     zero = tl.load(zeros_ptr + groups).to(tl.float32) + 128.0
+    v = ()
     for j in tl.static_range(8):
-        value = (_offset_values(packed, j) - zero) * scale
-        tl.store(out_ptr + rows[:, None] * stride_o + _input_of(word_index, j)[None, :],
-                 value.to(out_ptr.dtype.element_ty))
+        v = v + (((_offset_values(packed, j) - zero) * scale).to(out_ptr.dtype.element_ty),)
+    # Joined so that the last axis is j: each join adds the next bit of j as the new minor axis.
+    by_j = tl.join(tl.join(tl.join(v[0], v[4]), tl.join(v[2], v[6])), tl.join(tl.join(v[1], v[5]), tl.join(v[3], v[7])))
+    tile = tl.reshape(tl.permute(tl.reshape(by_j, (BLOCK_N, BLOCK_K // 64, 8, 8)), (0, 1, 3, 2)), (BLOCK_N, BLOCK_K))
+    inputs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * stride_o + inputs[None, :], tile)
 
 
 def dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """[N, K] in `dtype`, in one kernel (N a multiple of 16, K of 64)."""
+    """[N, K] in `dtype`, in one kernel (N a multiple of 16, K of 64). Tiles of 16 x 256 are
+    within 3% of the best of 16-64 rows x 128-512 inputs x 4 or 8 warps on an H100 (a Llama-3-8B
+    layer's four weights in 330 us against 320; 519 -> 138 us for gate/up, session 10)."""
     n, k = weight.shape
     out = torch.empty((n, k), dtype=dtype, device=weight.qweight.device)
     block_k = min(256, k & -k)
