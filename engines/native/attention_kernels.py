@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from engines.native.kernels import dependent_launch, sm_count, wait_for_previous_kernel
+from engines.native.kernels import SplitBuffers, dependent_launch, sm_count, wait_for_previous_kernel
 
 
 @triton.jit
@@ -224,26 +224,7 @@ def context_splits(programs: int, device: torch.device) -> int:
     return max(1, min(MAX_SPLITS, sm_count(device.index) // programs))
 
 
-class _MergeBuffers:
-    """The workspace and arrival counters of split-context attention, per device. They grow
-    only outside CUDA-graph capture (the capture's warm-up runs the same shapes); the counters
-    are left at zero by every call, and a grown-out pair stays alive for graphs captured on it."""
-
-    def __init__(self):
-        self._by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-    def get(self, device: torch.device, floats: int, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        kept = self._by_device.setdefault(device, [])
-        if kept and kept[-1][0].numel() >= floats and kept[-1][1].numel() >= pairs:
-            return kept[-1]
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the attention workspace must grow before CUDA-graph capture: run the shape once first")
-        kept.append((torch.empty(max(floats, kept[-1][0].numel() if kept else 0), dtype=torch.float32, device=device),
-                     torch.zeros(max(pairs, kept[-1][1].numel() if kept else 0), dtype=torch.int32, device=device)))
-        return kept[-1]
-
-
-_merge_buffers = _MergeBuffers()
+_merge_buffers = SplitBuffers()  # split-context attention: chunks' softmax states and arrivals
 
 
 def rope_cache_and_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -25,7 +25,7 @@ import triton.language as tl
 from engines.native.int4_skinny import MAX_ROWS as SKINNY_MAX_ROWS
 from engines.native.int4_skinny import UNPACK_ASM, SkinnyConfig, fuses_norm, int4_skinny_kernel, staged_groups
 from engines.native.int4_skinny import block_m as skinny_block_m
-from engines.native.kernels import (INTERPRETED, dependent_launch, rms_norm, silu_and_mul, sm_count,
+from engines.native.kernels import (INTERPRETED, SplitBuffers, dependent_launch, rms_norm, silu_and_mul, sm_count,
                                     wait_for_previous_kernel)
 from engines.native.quantization import Int4Weight
 
@@ -370,31 +370,7 @@ def kernel_config(rows: int, group_size: int = 128, n: int | None = None,
     return next((config for limit, config in DOT_CONFIGS.items() if rows <= limit), None)
 
 
-class _SplitKBuffers:
-    """The split-K workspace (fp32 partial sums) and per-tile arrival counters of one device.
-
-    Every call leaves both at zero, so one pair serves all layers of a stream in turn. They
-    only grow outside CUDA-graph capture (the warm-up before a capture runs the same shapes),
-    and a grown-out pair is kept alive: graphs captured earlier still point at it."""
-
-    def __init__(self):
-        self._by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-    def get(self, device: torch.device, workspace: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = self._by_device.setdefault(device, [])
-        if pairs and pairs[-1][0].numel() >= workspace and pairs[-1][1].numel() >= tiles:
-            return pairs[-1]
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the INT4 split-K workspace must grow before CUDA-graph capture: run the shape once first")
-        old = pairs[-1] if pairs else None
-        size = max(workspace, old[0].numel() if old else 0)
-        count = max(tiles, old[1].numel() if old else 0)
-        pairs.append((torch.zeros(size, dtype=torch.float32, device=device),
-                      torch.zeros(count, dtype=torch.int32, device=device)))
-        return pairs[-1]
-
-
-_split_k_buffers = _SplitKBuffers()
+_split_k_buffers = SplitBuffers()  # split-K workspace (fp32 partial sums) and per-tile arrival counters
 
 
 def _dot_grid(config: DotConfig, weight: Int4Weight, rows: int, gated: bool) -> tuple[int, int, int]:

@@ -31,6 +31,29 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter:
 DEPENDENT_LAUNCH = os.environ.get("LOWBIT_DEPENDENT_LAUNCH", "1") != "0"
 
 
+class SplitBuffers:
+    """A workspace (fp32) and arrival counters (int32) per device, for kernels whose programs
+    share work and let the last one to arrive finish it (INT4 split-K, split-context attention).
+
+    Every call leaves both at zero, so one pair serves all layers of a stream in turn. They
+    only grow outside CUDA-graph capture (the warm-up before a capture runs the same shapes),
+    and a grown-out pair is kept alive: graphs captured earlier still point at it."""
+
+    def __init__(self):
+        self._by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def get(self, device: torch.device, workspace: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = self._by_device.setdefault(device, [])
+        if pairs and pairs[-1][0].numel() >= workspace and pairs[-1][1].numel() >= counters:
+            return pairs[-1]
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a split workspace must grow before CUDA-graph capture: run the shape once first")
+        old = pairs[-1] if pairs else None
+        pairs.append((torch.zeros(max(workspace, old[0].numel() if old else 0), dtype=torch.float32, device=device),
+                      torch.zeros(max(counters, old[1].numel() if old else 0), dtype=torch.int32, device=device)))
+        return pairs[-1]
+
+
 @functools.cache
 def _hopper_or_later(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
