@@ -20,6 +20,7 @@ One command:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -127,17 +128,26 @@ def native_rows(label: str, runner: ModelRunner, bandwidth: float, prompt_len: i
     return rows, rate
 
 
-def serial_launch_row(label: str, runner: ModelRunner, prompt_len: int, new_tokens: int) -> str:
-    """Batch 1 with dependent launch switched off, to set beside the default row."""
-    previous, kernels.DEPENDENT_LAUNCH = kernels.DEPENDENT_LAUNCH, False
+@contextlib.contextmanager
+def graphs_captured_with(runner: ModelRunner, module, name: str, value):
+    """Within: `module.name` set to `value` (a switch read at launch time) and the runner's decode
+    graphs captured afresh with it; after: the old value, and graphs captured again when needed."""
+    previous = getattr(module, name)
+    setattr(module, name, value)
     runner.drop_graphs()
     try:
+        yield
+    finally:
+        setattr(module, name, previous)
+        runner.drop_graphs()
+
+
+def serial_launch_row(label: str, runner: ModelRunner, prompt_len: int, new_tokens: int) -> str:
+    """Batch 1 with dependent launch switched off, to set beside the default row."""
+    with graphs_captured_with(runner, kernels, "DEPENDENT_LAUNCH", False):
         run_batch(runner, 1, prompt_len, 4)  # captures the batch-1 graph again
         rate, _, _, _ = run_batch(runner, 1, prompt_len, new_tokens)
         step_ms = replay_ms(runner, 1)
-    finally:
-        kernels.DEPENDENT_LAUNCH = previous
-        runner.drop_graphs()
     return (f"{label}, batch 1, no dependent launch: {rate:8.1f} tok/s "
             f"(graph replay alone {step_ms:.2f} ms/token = {1000 / step_ms:.0f} tok/s)")
 
@@ -145,20 +155,15 @@ def serial_launch_row(label: str, runner: ModelRunner, prompt_len: int, new_toke
 def long_context_row(label: str, runner: ModelRunner, prompt_len: int = 4096, new_tokens: int = 128) -> str:
     """Batch 1 after a long prompt, decode attention with the context cut into chunks (the
     default) and in one chunk per KV head, alternating, medians of 3."""
-    rates = {}
+    chunked, single = [], []
     for _ in range(3):
-        for max_splits in (attention_kernels.MAX_SPLITS, 1):
-            previous, attention_kernels.MAX_SPLITS = attention_kernels.MAX_SPLITS, max_splits
-            runner.drop_graphs()  # captured again with this split count
-            try:
+        for max_splits, rates in ((attention_kernels.MAX_SPLITS, chunked), (1, single)):
+            with graphs_captured_with(runner, attention_kernels, "MAX_SPLITS", max_splits):
                 run_batch(runner, 1, prompt_len, 4)
-                rates.setdefault(max_splits, []).append(run_batch(runner, 1, prompt_len, new_tokens)[0])
-            finally:
-                attention_kernels.MAX_SPLITS = previous
-    runner.drop_graphs()
-    split, single = (statistics.median(rates[key]) for key in sorted(rates, reverse=True))
+                rates.append(run_batch(runner, 1, prompt_len, new_tokens)[0])
+    split, one = statistics.median(chunked), statistics.median(single)
     return (f"{label}, batch 1 after a {prompt_len:,}-token prompt: {split:8.1f} tok/s "
-            f"(attention in one chunk per KV head: {single:.1f} tok/s; {split / single:.2f}x)")
+            f"(attention in one chunk per KV head: {one:.1f} tok/s; {split / one:.2f}x)")
 
 
 def generate_rate(hf, input_ids: torch.Tensor, new_tokens: int, cache: str) -> str:

@@ -86,14 +86,17 @@ class BlockManager:
         seq.num_computed_tokens = len(hits) * self.block_size
         self.num_cached_tokens += seq.num_computed_tokens
 
+    def needs_block(self, seq: Sequence) -> bool:
+        """Whether one more token (position `num_tokens`) falls past the sequence's blocks."""
+        return seq.num_tokens >= len(seq.block_table) * self.block_size
+
     def can_append(self, seq: Sequence) -> bool:
         """Room for one more token (a new block only when the last one is full)."""
-        needs_block = seq.num_tokens >= len(seq.block_table) * self.block_size
-        return not needs_block or bool(self._free)
+        return not self.needs_block(seq) or bool(self._free)
 
     def may_append(self, seq: Sequence) -> None:
         """Give the sequence a new block if its next token would not fit."""
-        if seq.num_tokens >= len(seq.block_table) * self.block_size:
+        if self.needs_block(seq):
             self.append_block(seq)
 
     def append_block(self, seq: Sequence) -> None:

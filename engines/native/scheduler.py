@@ -86,7 +86,7 @@ class Scheduler:
         step launched before that token is known: StepLoop); False, and nothing taken, when
         the free blocks do not cover it."""
         manager = self.block_manager
-        short = [seq for seq in seqs if seq.num_tokens + 1 > len(seq.block_table) * manager.block_size]
+        short = [seq for seq in seqs if manager.needs_block(seq)]  # position num_tokens has no slot yet
         if len(short) > manager.num_free_blocks:
             return False
         for seq in short:
