@@ -1,10 +1,12 @@
 """W4A16 matmul in Triton: bf16/fp16 activations times lowbit's INT4 weights (see quantization.py).
 
-Four paths, by the number of input rows M and the group size (`kernel_config`):
+Five paths, by the number of input rows M and the group size (`kernel_config`):
 - groups of 64 (SmolLM2's K = 576), M <= 4: a GEMV on CUDA cores that streams the packed words
   with many programs in flight;
 - groups of 128, M <= 8, bf16: the skinny kernel in int4_skinny.py (Gluon, mma.sync with the
   words loaded into its operand registers);
+- groups of 128, 8 < M <= 128, bf16, on Hopper: the wgmma kernel in int4_wgmma.py (Gluon,
+  asynchronous warpgroup MMAs, the scales folded into the weights);
 - M <= 128 otherwise: the tile kernel below, tensor cores, one quantization group per K step;
 - more rows (prefill): dequantize to bf16 in one kernel, then cuBLAS (compute-bound there).
 The GEMV and the tile kernel unpack value j of every word with a shift and an and-or that turns
@@ -16,6 +18,7 @@ gate rows [0, N/2) and the up rows [N/2, N) and writes silu(gate) * up."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +28,8 @@ import triton.language as tl
 from engines.native.int4_skinny import MAX_ROWS as SKINNY_MAX_ROWS
 from engines.native.int4_skinny import UNPACK_ASM, SkinnyConfig, fuses_norm, int4_skinny_kernel, staged_groups
 from engines.native.int4_skinny import block_m as skinny_block_m
+from engines.native.int4_wgmma import MAX_ROWS as WGMMA_MAX_ROWS
+from engines.native.int4_wgmma import int4_wgmma_kernel
 from engines.native.kernels import (INTERPRETED, SplitBuffers, dependent_launch, rms_norm, silu_and_mul, sm_count,
                                     wait_for_previous_kernel)
 from engines.native.quantization import Int4Weight
@@ -354,7 +359,33 @@ def skinny_config(block_n: int, programs_per_sm: int, num_warps: int, waves: int
     return SkinnyConfig(block_n, programs_per_sm * sm_count(), num_warps, waves)
 
 
-Config = GemvConfig | DotConfig | SkinnyConfig
+@dataclass(frozen=True)
+class WgmmaConfig:  # Hopper wgmma (int4_wgmma.py); one program per (tile, K slice), all rows at once
+    block_n: int  # weight rows per tile (gated: half gate rows, half up rows)
+    num_warps: int
+    programs: int  # K is split until about this many programs run (at most one slice per group)
+
+
+# 9 to 128 bf16 rows on Hopper: the wgmma kernel (int4_wgmma.py). One Llama-3-8B layer's four matmuls
+# against the tile kernel (session 11, H100, benchmarks/int4_kernels.py sweep), us: 16 rows 85 / 95,
+# 32 rows 109 / 154, 64 rows 146 / 216 (bf16 cuBLAS 173), 128 rows 323 / 370 (bf16 185). Tiles of 256
+# rows, one program an SM, are the best single choice up to 64 rows; up to 32 rows the narrower
+# layers (N < WIDE_N) prefer 128-row tiles, two programs an SM; at 128 rows 256-row tiles no longer fit
+# in registers. (block_n, warps, programs per SM) by the most rows they serve:
+WGMMA_SHAPES = {32: ((128, 8, 2), (256, 8, 1)), 64: ((256, 8, 1), (256, 8, 1)), 128: ((128, 8, 1), (128, 8, 1))}
+
+
+def wgmma_config(block_n: int, num_warps: int, programs_per_sm: int) -> WgmmaConfig:
+    return WgmmaConfig(block_n, num_warps, programs_per_sm * sm_count())
+
+
+@functools.cache
+def _hopper() -> bool:
+    """wgmma is sm_90's (Blackwell's tensor cores take other instructions)."""
+    return not INTERPRETED and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+Config = GemvConfig | DotConfig | SkinnyConfig | WgmmaConfig
 
 
 def kernel_config(rows: int, group_size: int = 128, n: int | None = None,
@@ -365,6 +396,9 @@ def kernel_config(rows: int, group_size: int = 128, n: int | None = None,
         return GEMV_CONFIG if rows <= GEMV_MAX_ROWS else None
     if rows <= SKINNY_ROWS and dtype == torch.bfloat16 and not INTERPRETED:
         return skinny_config(**(SKINNY_WIDE_SHAPE if n is not None and n >= WIDE_N else SKINNY_SHAPE))
+    if rows <= WGMMA_MAX_ROWS and dtype == torch.bfloat16 and _hopper():
+        narrow, wide = next(shapes for limit, shapes in WGMMA_SHAPES.items() if rows <= limit)
+        return wgmma_config(*(wide if n is not None and n >= WIDE_N else narrow))
     if rows <= 16 and n is not None and n < WIDE_N:
         return NARROW_CONFIG
     return next((config for limit, config in DOT_CONFIGS.items() if rows <= limit), None)
@@ -413,15 +447,17 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
     m, k = x.shape
     if config == "auto":
         config = kernel_config(m, weight.group_size, weight.shape[0], x.dtype)
-    if isinstance(config, (DotConfig, SkinnyConfig)) and weight.group_size < 128:
+    if isinstance(config, (DotConfig, SkinnyConfig, WgmmaConfig)) and weight.group_size < 128:
         raise ValueError(f"the tensor-core INT4 kernels need groups of 128 inputs, not {weight.group_size}")
     if weight.zeros.stride() != weight.scales.stride():
         raise ValueError("INT4 scales and zeros must be stored alike (both row by row or both group by group)")
     if isinstance(config, SkinnyConfig) and (m > SKINNY_MAX_ROWS or x.dtype != torch.bfloat16):
         raise ValueError(f"the skinny INT4 kernel takes up to {SKINNY_MAX_ROWS} bf16 rows, not {m} in {x.dtype}")
+    if isinstance(config, WgmmaConfig) and (m > WGMMA_MAX_ROWS or x.dtype != torch.bfloat16):
+        raise ValueError(f"the wgmma INT4 kernel takes up to {WGMMA_MAX_ROWS} bf16 rows, not {m} in {x.dtype}")
     grid = _dot_grid(config, weight, m, gated) if isinstance(config, DotConfig) else None
     if norm is not None and (config is None or isinstance(config, SkinnyConfig) and not fuses_norm(m, k)
-                             or grid is not None and grid[2] > 1):
+                             or isinstance(config, WgmmaConfig) or grid is not None and grid[2] > 1):
         x, norm = rms_norm(x, *norm), None  # the kernel sees only part of each row: norm first
     if config is None:
         dense = dequantize(weight, x.dtype)
@@ -438,6 +474,9 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
                weight.qweight.stride(0), *weight.scales.stride())  # scales and zeros share their layout
     if isinstance(config, SkinnyConfig):
         _launch_skinny(config, tensors, strides, weight, m, n, k, gated, residual is not None, norm)
+        return out
+    if isinstance(config, WgmmaConfig):
+        _launch_wgmma(config, tensors, strides, m, n, k // weight.group_size, gated, residual is not None)
         return out
     dependent = dependent_launch(x.device)
     common = dict(GROUP=weight.group_size, GATED=gated, ADD_RESIDUAL=residual is not None,
@@ -506,3 +545,17 @@ def _register_cap(programs: int, num_warps: int, device: torch.device) -> int:
     64k registers over the programs it must hold."""
     per_sm = triton.cdiv(programs, sm_count(device.index))
     return min(255, 65536 // (per_sm * num_warps * 32) // 8 * 8)
+
+
+def _launch_wgmma(config: WgmmaConfig, tensors: tuple, strides: tuple, m: int, n: int, groups: int, gated: bool,
+                  add_residual: bool) -> None:
+    outputs = config.block_n // 2 if gated else config.block_n  # gated tiles: half gate rows, half up rows
+    tiles = triton.cdiv(n, outputs)
+    split = max(1, min(groups, config.programs // tiles))
+    block_m = max(16, triton.next_power_of_2(m))
+    workspace, counters = _split_k_buffers.get(tensors[0].device, tiles * config.block_n * block_m, tiles)
+    dependent = dependent_launch(tensors[0].device)
+    int4_wgmma_kernel[(tiles, split)](
+        *tensors, workspace, counters, m, n, groups, split, n, *strides, BLOCK_N=config.block_n, BLOCK_M=block_m,
+        GATED=gated, ADD_RESIDUAL=add_residual, DEPENDENT=dependent, num_warps=config.num_warps,
+        launch_pdl=dependent)

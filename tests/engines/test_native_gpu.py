@@ -172,14 +172,15 @@ def test_int4_matmul_matches_dequantize_then_matmul(rows, n, k):
 
 
 INT4_PATHS = ["gemv", "tensor cores", "tensor cores, no inline asm", "tensor cores, split K", "skinny, one program",
-              "skinny, a program a group", "skinny, stream K", "skinny, stream K in waves", "dequantize + cuBLAS"]
+              "skinny, a program a group", "skinny, stream K", "skinny, stream K in waves", "wgmma, a program a tile",
+              "wgmma, split K", "wgmma, 8 warps", "dequantize + cuBLAS"]
 
 
 @pytest.mark.parametrize("layout", ["scales row by row", "scales group by group"])
 @pytest.mark.parametrize("path", INT4_PATHS)
 def test_int4_kernels_unpack_every_value_exactly(path, layout):
     """Scale 1 with x = identity: the output is the stored integers minus their zero points, exactly."""
-    from engines.native.int4_kernels import GEMV_CONFIG, DotConfig, SkinnyConfig, int4_matmul
+    from engines.native.int4_kernels import GEMV_CONFIG, DotConfig, SkinnyConfig, WgmmaConfig, int4_matmul
     from engines.native.quantization import Int4Weight, pack_int4
 
     # The skinny kernel's programs share out 4 (tile, group) units: all in one (whole tiles, one
@@ -188,6 +189,7 @@ def test_int4_kernels_unpack_every_value_exactly(path, layout):
     config = dict(zip(INT4_PATHS, [GEMV_CONFIG, DotConfig(64, 64, 1, 4, 3), DotConfig(64, 64, 1, 4, 3, False),
                                    DotConfig(64, 32, 10**6, 4, 3), SkinnyConfig(64, 1, 4),
                                    SkinnyConfig(64, 10**6, 4), SkinnyConfig(64, 3, 4), SkinnyConfig(64, 1, 4, 3),
+                                   WgmmaConfig(64, 4, 1), WgmmaConfig(64, 4, 10**6), WgmmaConfig(128, 8, 1),
                                    None]))[path]
     n, k = 96, 256  # two row tiles of 64, the second half empty
     values = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8)
@@ -196,10 +198,33 @@ def test_int4_kernels_unpack_every_value_exactly(path, layout):
     if layout == "scales group by group":
         weight = weight.group_major()
     identity = torch.eye(k, device="cuda", dtype=torch.bfloat16)
-    rows = 16 if isinstance(config, SkinnyConfig) else k  # the skinny kernel takes up to 16 rows a call
+    rows = {SkinnyConfig: 16, WgmmaConfig: 128}.get(type(config), k)  # the most rows a call of that kernel takes
     out = torch.cat([int4_matmul(identity[i:i + rows], weight, config=config) for i in range(0, k, rows)])
     expected = values.float() - zeros.float().repeat_interleave(128, dim=1)
     assert torch.equal(out.float(), expected.T)  # [K, N] = W.T
+
+
+@pytest.mark.parametrize("config", ["128-row tiles, 8 warps, a program a group", "64-row tiles, 4 warps, K split unevenly"])
+@pytest.mark.parametrize("rows", [9, 33, 64, 100, 128])
+def test_wgmma_kernel_matches_dequantize_then_matmul_with_every_epilogue(rows, config):
+    from engines.native.int4_kernels import WgmmaConfig, int4_matmul
+    from engines.native.quantization import quantize_rtn
+
+    config = {"128-row tiles, 8 warps, a program a group": WgmmaConfig(128, 8, 10**6),
+              "64-row tiles, 4 warps, K split unevenly": WgmmaConfig(64, 4, 60)}[config]  # 17 tiles x 3 slices
+    n, k = 1056, 1280  # 10 groups; the last tile partly empty (1056 rows, 528 gated outputs)
+    generator = torch.Generator(device="cuda").manual_seed(rows)
+    weight = quantize_rtn(torch.randn(n, k, device="cuda", generator=generator) * 0.02).group_major()
+    x = torch.randn(rows, k, device="cuda", generator=generator).bfloat16()
+    residual = torch.randn(rows, n, device="cuda", generator=generator).bfloat16()
+    expected = x.float() @ weight.dequantize(torch.float32).T
+    poison_allocator()
+    assert relative_error(int4_matmul(x, weight, config=config), expected) < 1e-2
+    poison_allocator()
+    assert relative_error(int4_matmul(x, weight, residual=residual, config=config), expected + residual.float()) < 1e-2
+    gate, up = expected.chunk(2, dim=-1)
+    poison_allocator()
+    assert relative_error(int4_matmul(x, weight, gated=True, config=config), torch.nn.functional.silu(gate) * up) < 1e-2
 
 
 @pytest.mark.parametrize("rows, n, k", [(1, 960, 576), (3, 3072, 576), (2, 4608, 576), (1, 6144, 4096), (2, 28672, 4096)])
