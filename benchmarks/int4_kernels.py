@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_timing import median_replay_ms  # noqa: E402
-from engines.native.int4_kernels import (SKINNY_MAX_ROWS, WGMMA_MAX_ROWS, DotConfig, GemvConfig,  # noqa: E402
-                                         WgmmaConfig, int4_matmul, kernel_config, skinny_config)
+from engines.native.int4_kernels import (SKINNY_MAX_ROWS, SKINNY_ROWS, WGMMA_MAX_ROWS, DotConfig,  # noqa: E402
+                                         GemvConfig, WgmmaConfig, int4_matmul, kernel_config, skinny_config)
 from engines.native.quantization import group_size_for, quantize_rtn  # noqa: E402
 
 # (name, N, K, gated) for one decoder layer.
@@ -130,10 +130,10 @@ def candidate_configs(rows: int, group_size: int = 128, n: int | None = None):
         block_m = 16 if rows <= 16 else 64
         configs += [DotConfig(block_m, block_n, programs, warps, stages)
                     for block_n, programs, warps, stages in itertools.product([128, 256], [264, 528], [4, 8], [3])]
-    if group_size >= 128 and SKINNY_MAX_ROWS // 2 < rows <= WGMMA_MAX_ROWS:  # 9-128 rows: Hopper's wgmma
+    if group_size >= 128 and SKINNY_ROWS < rows <= WGMMA_MAX_ROWS:  # 9-128 rows: Hopper's wgmma
         tiles = [(128, 8), (64, 4)] + ([(128, 4), (256, 8)] if rows <= 64 else [])  # wider ones spill at 128 rows
-        configs += [WgmmaConfig(block_n, warps, programs) for (block_n, warps), programs
-                    in itertools.product(tiles, [132, 264, 528])]
+        configs += [WgmmaConfig(block_n, warps, programs, x_ahead) for (block_n, warps), programs, x_ahead
+                    in itertools.product(tiles, [132, 264, 528], [1, 2])]
     return list(dict.fromkeys(configs))
 
 

@@ -15,8 +15,8 @@ size a W4A16 matmul reads a quarter of bf16's bytes. Here:
   fp32 accumulator asynchronously: no per-group partial sum to wait for and rescale;
 - x is the second operand, from shared memory: per group [8 (value j), BLOCK_M, 16 (word w)],
   value j of word w being input 64 (w // 8) + 8 j + w % 8 (quantization.py's interleave), in
-  two buffers used in turn: the next group's x (an L2 hit) and words are loaded while the
-  tensor cores work on this group;
+  two buffers used in turn: the next group's words and x (an L2 hit; or the one after's,
+  X_AHEAD) are loaded while the tensor cores work on this group;
 - gated (gate/up): a tile's BLOCK_N rows are BLOCK_N / 2 gate rows, then the matching up rows,
   so one accumulator holds both and the epilogue pairs them through shared memory;
 - split K as in the tile kernel: a tile's K slices add into a workspace and the program whose
@@ -81,7 +81,7 @@ def int4_wgmma_kernel(
     M, N, groups, splits, up_offset,  # N: outputs; K in `splits` slices; gated: the up rows start at `up_offset`
     stride_xm, stride_om, stride_rm, stride_q, stride_s, stride_sg,
     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-    GATED: gl.constexpr, ADD_RESIDUAL: gl.constexpr, DEPENDENT: gl.constexpr,
+    GATED: gl.constexpr, ADD_RESIDUAL: gl.constexpr, X_AHEAD: gl.constexpr, DEPENDENT: gl.constexpr,
 ):
     """One program per (tile of BLOCK_N weight rows, K slice); all M <= BLOCK_M rows at once."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
@@ -119,24 +119,31 @@ def int4_wgmma_kernel(
     fence_async_shared()
     gl.thread_barrier()
 
+    # Each step: load the next group's words and a later group's x, make this group's weights,
+    # start its products, stage the next group's x in the other buffer, wait for the products.
+    # X_AHEAD = 2 loads x two groups ahead (a whole step to arrive instead of part of one): faster
+    # where registers are to spare (128-row tiles of 8 warps: Llama-3-8B down at 16 / 128 rows
+    # 21.4 -> 19.0 / 80.5 -> 72.9 us), slower elsewhere (256-row gate/up at 64 rows 66.1 -> 69.7).
     acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
     stage = 0
+    ahead = gl.load(x_ptrs + (first + 1) * 128, mask=x_mask & (first + 1 < last), other=0.0)  # X_AHEAD = 2
     for group in range(first, last):
-        more = group + 1 < last
-        fetched = _group_loads(word_ptrs, scale_ptrs, zero_ptrs, group + 1, valid & more, stride_sg)
-        next_x = gl.load(x_ptrs + (group + 1) * 128, mask=x_mask & more, other=0.0)
+        fetched = _group_loads(word_ptrs, scale_ptrs, zero_ptrs, group + 1, valid & (group + 1 < last), stride_sg)
+        later = gl.load(x_ptrs + (group + X_AHEAD) * 128, mask=x_mask & (group + X_AHEAD < last), other=0.0)
         weights = _weights(loads[0], loads[1], loads[2])
         current = staged.index(stage)
         for jj in gl.static_range(8):
             acc = warpgroup_mma(weights[jj], current.slice(jj * BLOCK_M, BLOCK_M).permute((1, 0)), acc, is_async=True)
         # The other buffer was read by the previous group's products, finished below last time.
-        staged.index(1 - stage).store(next_x.reshape([8 * BLOCK_M, WORDS]))
+        staged.index(1 - stage).store((ahead if X_AHEAD == 2 else later).reshape([8 * BLOCK_M, WORDS]))
         fence_async_shared()
         gl.thread_barrier()
         # Waiting here rather than one group later (with the next group's weights made while these
         # products run) measured faster: that version needs 255 registers at 256-row tiles
         # (Llama-3-8B gate/up at 64 rows: 65 against 82 us, session 11).
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ) + weights)[0]
+        if X_AHEAD == 2:
+            ahead = later
         loads = fetched
         stage = 1 - stage
 
