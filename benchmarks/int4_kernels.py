@@ -4,7 +4,7 @@ Effective GB/s = bytes the matmul must move (weights with scales and zero points
 in, results out) / median time. Each timing replays a CUDA graph of 8 calls that cycle over 8
 copies of the weights (more than the L2 cache holds), so neither launch gaps nor cache hits
 flatter the figure. `--sweep` also tries tile configurations and prints the best per row count
-(what `int4_kernels.GEMV_CONFIG` and `DOT_CONFIGS` hold). One command:
+(what `int4_kernels.GEMV_CONFIG`, `DOT_CONFIGS` and `WGMMA_SHAPES` hold). One command:
 
     python benchmarks/int4_kernels.py [--sweep]
 """

@@ -162,6 +162,7 @@ def int4_wgmma_kernel(
                      OUTPUTS, BLOCK_M, GATED, ADD_RESIDUAL, E)
     else:
         rows_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-        _finish_tile(acc, acc, gl.full((BLOCK_M, ), 1.0, gl.float32, gl.SliceLayout(0, MMA)), tile, last - first, out_ptr, residual_ptr, workspace_ptr, counters_ptr,
-                     rows_m, rows_m < M, gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA)), N, groups,
-                     stride_om, stride_rm, BLOCK_N, BLOCK_M, GATED, ADD_RESIDUAL, MMA)
+        _finish_tile(acc, acc, gl.full((BLOCK_M, ), 1.0, gl.float32, gl.SliceLayout(0, MMA)), tile, last - first,
+                     out_ptr, residual_ptr, workspace_ptr, counters_ptr, rows_m, rows_m < M,
+                     gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA)), N, groups, stride_om, stride_rm,
+                     BLOCK_N, BLOCK_M, GATED, ADD_RESIDUAL, MMA)

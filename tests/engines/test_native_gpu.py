@@ -311,25 +311,32 @@ def test_warm_up_captures_the_decode_graphs_and_writes_no_sequence_cache():
     assert torch.equal(runner.logits(seqs, False), before)  # the warm-up's prefills went to the scratch block
 
 
-def test_dependent_launch_gives_the_logits_of_launching_one_kernel_after_another(monkeypatch):
+@pytest.mark.parametrize("lengths", [[1, 30], [5, 30, 2, 17, 9, 1, 12, 40, 3, 8, 21, 6]], ids=["skinny", "wgmma"])
+def test_dependent_launch_gives_the_logits_of_launching_one_kernel_after_another(lengths, monkeypatch):
     """Each kernel of a step starts before the one it depends on has finished (kernels.py) and
     must wait for it before touching its results: a missing or misplaced wait reads stale
     activations or workspaces and changes the logits."""
     from engines.native import kernels
+    from engines.native.int4_kernels import SkinnyConfig, WgmmaConfig, kernel_config
     from engines.native.model import NAMED_SHAPES, LlamaConfig
     from engines.native.model_runner import ModelRunner, RunnerConfig
 
     if not kernels.dependent_launch(torch.device("cuda")):
         pytest.skip("dependent launch needs a Hopper or later GPU")
     # Llama-shaped and small, with 128-input groups, so that every INT4 matmul of a decode step is
-    # the stream-K skinny kernel (tiles shared between programs, finished through the workspace).
+    # the stream-K skinny kernel (2 sequences) or, on Hopper, the wgmma kernel (12); both finish
+    # tiles split between programs through the workspace.
     monkeypatch.setitem(NAMED_SHAPES, "small-llama", LlamaConfig(32000, 2048, 5632, 4, 16, 4))
+    if len(lengths) > 8 and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma kernel is Hopper's")
+    expected_kernel = SkinnyConfig if len(lengths) <= 8 else WgmmaConfig
+    assert isinstance(kernel_config(len(lengths), 128, 2048), expected_kernel)
 
     def decode_logits(dependent: bool) -> torch.Tensor:
         monkeypatch.setattr(kernels, "DEPENDENT_LAUNCH", dependent)
         runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, 4096, max_context_tokens=1024, quantize="int4"),
                              shape="small-llama")
-        seqs = prefilled_for_decode(runner, [1, 30], seed=3, next_token=11)
+        seqs = prefilled_for_decode(runner, lengths, seed=3, next_token=11)
         runner._decode_with_graph(seqs, None)  # captures
         poison_allocator()
         return runner._decode_with_graph(seqs, None)[0].clone()
