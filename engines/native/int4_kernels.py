@@ -368,8 +368,8 @@ class WgmmaConfig:  # Hopper wgmma (int4_wgmma.py); one program per (tile, K sli
 
 
 # 9 to 128 bf16 rows on Hopper: the wgmma kernel (int4_wgmma.py). One Llama-3-8B layer's four matmuls
-# against the tile kernel (session 11, H100, benchmarks/int4_kernels.py sweep), us: 16 rows 85 / 95,
-# 32 rows 109 / 154, 64 rows 146 / 216 (bf16 cuBLAS 173), 128 rows 323 / 370 (bf16 185). Tiles of 256
+# against the tile kernel (session 11, H100, benchmarks/int4_kernels.py), us: 16 rows 81 / 95,
+# 32 rows 105 / 154, 64 rows 145 / 216 (bf16 cuBLAS 173), 128 rows 294 / 370 (bf16 181). Tiles of 256
 # rows, one program an SM, are the best single choice up to 64 rows; up to 32 rows the narrower
 # layers (N < WIDE_N) prefer 128-row tiles, two programs an SM; at 128 rows 256-row tiles no longer fit
 # in registers. x two groups ahead where registers allow (int4_wgmma.py: 1-12% faster there).

@@ -112,7 +112,7 @@ def int4_wgmma_kernel(
     w = gl.arange(0, WORDS, layout=gl.SliceLayout(0, gl.SliceLayout(1, X)))
     x_ptrs = (x_ptr + m[None, :, None] * stride_xm + (j * 8)[:, None, None]
               + ((w // 8) * 64 + w % 8)[None, None, :])
-    x_mask = (j < 8)[:, None, None] & (m < M)[None, :, None] & (w < WORDS)[None, None, :]
+    x_mask = (m < M)[None, :, None]  # the loads broadcast it over j and w
     XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, WORDS], gl.bfloat16)
     staged = gl.allocate_shared_memory(gl.bfloat16, [2, 8 * BLOCK_M, WORDS], XS)  # value j: rows j BLOCK_M ..
     staged.index(0).store(gl.load(x_ptrs + first * 128, mask=x_mask, other=0.0).reshape([8 * BLOCK_M, WORDS]))
@@ -126,7 +126,8 @@ def int4_wgmma_kernel(
     # 21.4 -> 19.0 / 80.5 -> 72.9 us), slower elsewhere (256-row gate/up at 64 rows 66.1 -> 69.7).
     acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
     stage = 0
-    ahead = gl.load(x_ptrs + (first + 1) * 128, mask=x_mask & (first + 1 < last), other=0.0)  # X_AHEAD = 2
+    if X_AHEAD == 2:
+        ahead = gl.load(x_ptrs + (first + 1) * 128, mask=x_mask & (first + 1 < last), other=0.0)
     for group in range(first, last):
         fetched = _group_loads(word_ptrs, scale_ptrs, zero_ptrs, group + 1, valid & (group + 1 < last), stride_sg)
         later = gl.load(x_ptrs + (group + X_AHEAD) * 128, mask=x_mask & (group + X_AHEAD < last), other=0.0)
@@ -154,10 +155,9 @@ def int4_wgmma_kernel(
         gl.thread_barrier()
         gate = pair.slice(0, OUTPUTS).load(E)
         up = pair.slice(OUTPUTS, OUTPUTS).load(E)
+        rows_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, E))
         _finish_tile(gate, up, gl.full((BLOCK_M, ), 1.0, gl.float32, gl.SliceLayout(0, E)), tile, last - first,
-                     out_ptr, residual_ptr, workspace_ptr, counters_ptr,
-                     gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, E)),
-                     gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, E)) < M,
+                     out_ptr, residual_ptr, workspace_ptr, counters_ptr, rows_m, rows_m < M,
                      gl.arange(0, OUTPUTS, layout=gl.SliceLayout(1, E)), N, groups, stride_om, stride_rm,
                      OUTPUTS, BLOCK_M, GATED, ADD_RESIDUAL, E)
     else:
