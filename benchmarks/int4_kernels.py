@@ -134,6 +134,8 @@ def candidate_configs(rows: int, group_size: int = 128, n: int | None = None):
         tiles = [(128, 8), (64, 4)] + ([(128, 4), (256, 8)] if rows <= 64 else [])  # wider ones spill at 128 rows
         configs += [WgmmaConfig(block_n, warps, programs, x_ahead) for (block_n, warps), programs, x_ahead
                     in itertools.product(tiles, [132, 264, 528], [1, 2])]
+        configs += [WgmmaConfig(block_n, 8, programs, 1, ring)  # words through a shared-memory ring
+                    for block_n, programs, ring in itertools.product([128, 256], [132, 264], [3, 4])]
     return list(dict.fromkeys(configs))
 
 

@@ -365,6 +365,7 @@ class WgmmaConfig:  # Hopper wgmma (int4_wgmma.py); one program per (tile, K sli
     num_warps: int
     programs: int  # K is split until about this many programs run (at most one slice per group)
     x_ahead: int = 1  # x is loaded this many groups ahead (1 or 2)
+    ring: int = 0  # > 1: words, scales and zero points through a shared-memory ring of this many groups
 
 
 # 9 to 128 bf16 rows on Hopper: the wgmma kernel (int4_wgmma.py). One Llama-3-8B layer's four matmuls
@@ -372,14 +373,18 @@ class WgmmaConfig:  # Hopper wgmma (int4_wgmma.py); one program per (tile, K sli
 # 32 rows 105 / 154, 64 rows 145 / 216 (bf16 cuBLAS 173), 128 rows 294 / 370 (bf16 181). Tiles of 256
 # rows, one program an SM, are the best single choice up to 64 rows; up to 32 rows the narrower
 # layers (N < WIDE_N) prefer 128-row tiles, two programs an SM; at 128 rows 256-row tiles no longer fit
-# in registers. x two groups ahead where registers allow (int4_wgmma.py: 1-12% faster there).
-# (block_n, warps, programs per SM, x_ahead) for narrow and wide layers, by the most rows they serve:
-WGMMA_SHAPES = {32: ((128, 8, 2, 2), (256, 8, 1, 1)), 64: ((256, 8, 1, 2), (256, 8, 1, 1)),
-                128: ((128, 8, 1, 2), (128, 8, 1, 2))}
+# in registers for them. x two groups ahead where registers allow (int4_wgmma.py: 1-12% faster there).
+# Session 12 (interleaved A/B, medians of 5): up to 32 rows the widest layer too prefers 128-row tiles,
+# two an SM (gate/up at 16 / 32 rows 41.9 / 50.8 -> 37.4 / 48.3 us); at 128 rows it takes its words
+# through a ring of 3 groups in shared memory, which frees the registers that held them so that 256-row
+# tiles fit (143.2 -> 113.0 us). At 16-64 rows the ring measured 2-27% slower.
+# (block_n, warps, programs per SM, x_ahead, ring) for narrow and wide layers, by the most rows they serve:
+WGMMA_SHAPES = {32: ((128, 8, 2, 2, 0), (128, 8, 2, 2, 0)), 64: ((256, 8, 1, 2, 0), (256, 8, 1, 1, 0)),
+                128: ((128, 8, 1, 2, 0), (256, 8, 1, 1, 3))}
 
 
-def wgmma_config(block_n: int, num_warps: int, programs_per_sm: int, x_ahead: int = 1) -> WgmmaConfig:
-    return WgmmaConfig(block_n, num_warps, programs_per_sm * sm_count(), x_ahead)
+def wgmma_config(block_n: int, num_warps: int, programs_per_sm: int, x_ahead: int = 1, ring: int = 0) -> WgmmaConfig:
+    return WgmmaConfig(block_n, num_warps, programs_per_sm * sm_count(), x_ahead, ring)
 
 
 @functools.cache
@@ -557,8 +562,14 @@ def _launch_wgmma(config: WgmmaConfig, tensors: tuple, strides: tuple, m: int, n
     split = max(1, min(groups, config.programs // tiles))
     block_m = max(16, triton.next_power_of_2(m))
     workspace, counters = _split_k_buffers.get(tensors[0].device, tiles * config.block_n * block_m, tiles)
+    if config.ring == 1:
+        raise ValueError("a wgmma ring holds at least 2 groups")
+    # cp.async moves 4-16 aligned bytes: the ring needs scales and zero points group by group
+    # (a group's are contiguous), the up rows and each group's row 16-aligned; else registers.
+    _, _, _, _, stride_s, stride_sg = strides
+    ring = config.ring if stride_s == 1 and stride_sg % 16 == 0 and n % 16 == 0 else 0
     dependent = dependent_launch(tensors[0].device)
     int4_wgmma_kernel[(tiles, split)](
         *tensors, workspace, counters, m, n, groups, split, n, *strides, BLOCK_N=config.block_n, BLOCK_M=block_m,
-        GATED=gated, ADD_RESIDUAL=add_residual, X_AHEAD=config.x_ahead, DEPENDENT=dependent,
+        GATED=gated, ADD_RESIDUAL=add_residual, X_AHEAD=config.x_ahead, RING=ring, DEPENDENT=dependent,
         num_warps=config.num_warps, launch_pdl=dependent)
