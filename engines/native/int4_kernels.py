@@ -367,6 +367,10 @@ class WgmmaConfig:  # Hopper wgmma (int4_wgmma.py); one program per (tile, K sli
     x_ahead: int = 1  # x is loaded this many groups ahead (1 or 2)
     ring: int = 0  # > 1: words, scales and zero points through a shared-memory ring of this many groups
 
+    def __post_init__(self):
+        if self.ring == 1:  # the ring fills ring - 1 groups ahead: one slot would fill none
+            raise ValueError("a wgmma ring holds at least 2 groups")
+
 
 # 9 to 128 bf16 rows on Hopper: the wgmma kernel (int4_wgmma.py). One Llama-3-8B layer's four matmuls
 # against the tile kernel (session 11, H100, benchmarks/int4_kernels.py), us: 16 rows 81 / 95,
@@ -562,8 +566,6 @@ def _launch_wgmma(config: WgmmaConfig, tensors: tuple, strides: tuple, m: int, n
     split = max(1, min(groups, config.programs // tiles))
     block_m = max(16, triton.next_power_of_2(m))
     workspace, counters = _split_k_buffers.get(tensors[0].device, tiles * config.block_n * block_m, tiles)
-    if config.ring == 1:
-        raise ValueError("a wgmma ring holds at least 2 groups")
     # cp.async moves 4-16 aligned bytes: the ring needs scales and zero points group by group
     # (a group's are contiguous), the up rows and each group's row 16-aligned; else registers.
     _, _, _, _, stride_s, stride_sg = strides

@@ -81,6 +81,18 @@ def _group_loads(word_ptrs, scale_ptrs, zero_ptrs, group, mask, stride_sg):
 
 
 @gluon.jit
+def _word_pointers(q_ptr, tile, N, up_offset, stride_q, OUTPUTS: gl.constexpr, BLOCK_N: gl.constexpr,
+                   L: gl.constexpr):
+    """A tile's word pointers [BLOCK_N, 16] in layout L (gated: the second half are the up rows,
+    `up_offset` further), and its rows' validity [BLOCK_N] (past N: masked)."""
+    local = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L))
+    output = tile * OUTPUTS + local % OUTPUTS
+    rows = output + (local // OUTPUTS) * up_offset
+    words = q_ptr + rows[:, None] * stride_q + gl.arange(0, WORDS, layout=gl.SliceLayout(0, L))[None, :]
+    return rows, words, output < N
+
+
+@gluon.jit
 def _ring_fill(rings, slot, word_ptrs, scale_ptrs, zero_ptrs, group, mask, group_mask, stride_sg):
     """Start copying one group's words, scales and zero points into ring slot `slot` (one cp.async group)."""
     words, scales, zeros = rings
@@ -121,13 +133,6 @@ def int4_wgmma_kernel(
     first = split * groups // splits
     last = (split + 1) * groups // splits  # exclusive
 
-    local = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A))
-    output = tile * OUTPUTS + local % OUTPUTS
-    rows = output + (local // OUTPUTS) * up_offset  # gated: the second half are the up rows
-    valid = output < N
-    word_ptrs = q_ptr + rows[:, None] * stride_q + gl.arange(0, WORDS, layout=gl.SliceLayout(0, A))[None, :]
-    scale_ptrs = s_ptr + rows * stride_s
-    zero_ptrs = z_ptr + rows * stride_s
     if RING:
         # cp.async copies 16-byte rows of 4 words and 8 consecutive scales (zero points) of each
         # half of the tile (gated: gate rows, then up rows); the first RING - 1 groups start now.
@@ -135,23 +140,25 @@ def int4_wgmma_kernel(
         HALVES: gl.constexpr = 2 if GATED else 1
         SPAN: gl.constexpr = min(OUTPUTS // 8, 32)  # threads along a half's outputs
         SL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // SPAN, SPAN], [1, gl.num_warps()], [1, 0])
-        ring_local = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WL))
-        ring_output = tile * OUTPUTS + ring_local % OUTPUTS
-        ring_word_ptrs = (q_ptr + (ring_output + (ring_local // OUTPUTS) * up_offset)[:, None] * stride_q
-                          + gl.arange(0, WORDS, layout=gl.SliceLayout(0, WL))[None, :])
-        ring_valid = (ring_output < N)[:, None]
+        _, ring_word_ptrs, ring_valid = _word_pointers(q_ptr, tile, N, up_offset, stride_q, OUTPUTS, BLOCK_N, WL)
+        ring_valid = ring_valid[:, None]
         half = gl.arange(0, HALVES, layout=gl.SliceLayout(1, SL))
         half_output = tile * OUTPUTS + gl.arange(0, OUTPUTS, layout=gl.SliceLayout(0, SL))
-        ring_rows = half_output[None, :] + (half * up_offset)[:, None]
+        ring_rows = half_output[None, :] + (half * up_offset)[:, None]  # stride_s = 1
+        ring_scale_ptrs = s_ptr + ring_rows
+        ring_zero_ptrs = z_ptr + ring_rows
         ring_group_valid = (half_output < N)[None, :] & (half < HALVES)[:, None]
         FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         rings = (gl.allocate_shared_memory(gl.int32, [RING, BLOCK_N, WORDS], gl.SwizzledSharedLayout(4, 1, 4, [1, 0])),
                  gl.allocate_shared_memory(s_ptr.dtype.element_ty, [RING, HALVES, OUTPUTS], FLAT),
                  gl.allocate_shared_memory(z_ptr.dtype.element_ty, [RING, HALVES, OUTPUTS], FLAT))
         for slot in gl.static_range(RING - 1):
-            _ring_fill(rings, slot, ring_word_ptrs, s_ptr + ring_rows, z_ptr + ring_rows, first + slot,
+            _ring_fill(rings, slot, ring_word_ptrs, ring_scale_ptrs, ring_zero_ptrs, first + slot,
                        ring_valid & (first + slot < last), ring_group_valid & (first + slot < last), stride_sg)
     else:
+        rows, word_ptrs, valid = _word_pointers(q_ptr, tile, N, up_offset, stride_q, OUTPUTS, BLOCK_N, A)
+        scale_ptrs = s_ptr + rows * stride_s
+        zero_ptrs = z_ptr + rows * stride_s
         loads = _group_loads(word_ptrs, scale_ptrs, zero_ptrs, first, valid, stride_sg)
     if DEPENDENT:  # dependent launch (kernels.py): the first weights load while the kernel before ends
         gdc_wait()
@@ -185,8 +192,8 @@ def int4_wgmma_kernel(
     slot = 0  # RING: this group's slot in the ring
     for group in range(first, last):
         if RING:  # refill the slot the previous group used (every thread has read it: the last barrier)
-            _ring_fill(rings, gl.where(slot == 0, RING - 1, slot - 1), ring_word_ptrs, s_ptr + ring_rows,
-                       z_ptr + ring_rows, group + RING - 1, ring_valid & (group + RING - 1 < last),
+            _ring_fill(rings, gl.where(slot == 0, RING - 1, slot - 1), ring_word_ptrs, ring_scale_ptrs,
+                       ring_zero_ptrs, group + RING - 1, ring_valid & (group + RING - 1 < last),
                        ring_group_valid & (group + RING - 1 < last), stride_sg)
             loads = _ring_read(rings, slot, A, BLOCK_N)
         else:
