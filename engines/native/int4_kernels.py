@@ -350,6 +350,12 @@ WIDE_N, NARROW_CONFIG = 16384, DotConfig(16, 128, 528, 4, 3)
 # Llama-3-8B step at 1 / 4 / 8 rows: 2,632 -> 2,570 / 2,915 -> 2,889 / 3,054 -> 3,036 us). Two waves of
 # the other layers, or of 8-warp programs for them, measured slower.
 SKINNY_ROWS = 8
+# Split K in int64 fixed point (int4_skinny.FIXED_BITS: one returning atomic a partial sum, no fence,
+# counter or read-back) up to these rows; float atomics beyond, where each thread has more outputs
+# to add and the returning 64-bit atomics cost more than they save. Session 13, Llama-3-8B step
+# replays: 1 row 2,564 -> 2,463 us (fixed for q/k/v, o and down: 2,487), 2 rows 2,677 -> 2,659
+# (gate/up too: 2,667), 8 rows 2,973 -> 3,185 (fixed for all but gate/up).
+FIXED_ROWS, FIXED_GATED_ROWS = 2, 1
 SKINNY_SHAPE = dict(block_n=128, programs_per_sm=4, num_warps=4)
 SKINNY_WIDE_SHAPE = dict(block_n=128, programs_per_sm=2, num_warps=8, waves=2)
 
@@ -540,14 +546,17 @@ def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight:
     programs = min(config.programs * config.waves, tiles * groups)
     slots = staged_groups(tiles * groups, programs, groups, block_m)
     tile_size = config.block_n * block_m * (2 if gated else 1)
-    workspace, counters = _split_k_buffers.get(tensors[0].device, tiles * tile_size, tiles)
+    fixed = m <= (FIXED_GATED_ROWS if gated else FIXED_ROWS)  # split-K in int64 fixed point (int4_skinny.FIXED_BITS)
+    workspace, counters = _split_k_buffers.get(tensors[0].device, tiles * tile_size * (2 if fixed else 1), tiles)
+    if fixed:
+        workspace = workspace[:workspace.numel() // 2 * 2].view(torch.int64)
     dependent = dependent_launch(tensors[0].device)
     int4_skinny_kernel[(programs,)](
         *tensors, workspace, counters, norm[0] if norm else tensors[0], m, n, k, groups, tiles * groups, n,
         norm[1] if norm else 0.0, *strides, BLOCK_N=config.block_n, BLOCK_M=block_m, SLOTS=slots,
         GATED=gated, ADD_RESIDUAL=add_residual, NORM_ROWS=m if norm else 0,
-        NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, DEPENDENT=dependent, num_warps=config.num_warps,
-        TIMELINE=timelines is not None, timeline_ptr=timelines.next_slice(programs) if timelines is not None else None,
+        NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, DEPENDENT=dependent, FIXED=fixed,
+        num_warps=config.num_warps, TIMELINE=timelines is not None, timeline_ptr=timelines.next_slice(programs) if timelines is not None else None,
         maxnreg=_register_cap(min(programs, config.programs), config.num_warps, tensors[0].device),
         launch_pdl=dependent)
 

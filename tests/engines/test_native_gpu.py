@@ -172,7 +172,8 @@ def test_int4_matmul_matches_dequantize_then_matmul(rows, n, k):
 
 
 INT4_PATHS = ["gemv", "tensor cores", "tensor cores, no inline asm", "tensor cores, split K", "skinny, one program",
-              "skinny, a program a group", "skinny, stream K", "skinny, stream K in waves", "wgmma, a program a tile",
+              "skinny, a program a group", "skinny, stream K", "skinny, stream K in waves",
+              "skinny, stream K, one row (fixed-point split K)", "wgmma, a program a tile",
               "wgmma, split K", "wgmma, 8 warps, x two groups ahead", "wgmma, a ring of 3 groups",
               "dequantize + cuBLAS"]
 
@@ -190,7 +191,7 @@ def test_int4_kernels_unpack_every_value_exactly(path, layout):
     config = dict(zip(INT4_PATHS, [GEMV_CONFIG, DotConfig(64, 64, 1, 4, 3), DotConfig(64, 64, 1, 4, 3, False),
                                    DotConfig(64, 32, 10**6, 4, 3), SkinnyConfig(64, 1, 4),
                                    SkinnyConfig(64, 10**6, 4), SkinnyConfig(64, 3, 4), SkinnyConfig(64, 1, 4, 3),
-                                   WgmmaConfig(64, 4, 1), WgmmaConfig(64, 4, 10**6), WgmmaConfig(128, 8, 1, 2),
+                                   SkinnyConfig(64, 3, 4), WgmmaConfig(64, 4, 1), WgmmaConfig(64, 4, 10**6), WgmmaConfig(128, 8, 1, 2),
                                    WgmmaConfig(64, 4, 1, 1, 3), None]))[path]
     n, k = 96, 256  # two row tiles of 64, the second half empty
     values = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8)
@@ -200,9 +201,40 @@ def test_int4_kernels_unpack_every_value_exactly(path, layout):
         weight = weight.group_major()
     identity = torch.eye(k, device="cuda", dtype=torch.bfloat16)
     rows = {SkinnyConfig: 16, WgmmaConfig: 128}.get(type(config), k)  # the most rows a call of that kernel takes
+    if "one row" in path:
+        rows = 1
     out = torch.cat([int4_matmul(identity[i:i + rows], weight, config=config) for i in range(0, k, rows)])
     expected = values.float() - zeros.float().repeat_interleave(128, dim=1)
     assert torch.equal(out.float(), expected.T)  # [K, N] = W.T
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_skinny_fixed_point_split_k_repeats_bit_for_bit_and_matches_the_float_fix_up(rows, monkeypatch):
+    """Split K through int64 fixed-point cells (int4_skinny.FIXED_BITS), plain and gated, against
+    the float atomics' fix-up and dequantize-then-matmul; integer adds make it order-independent."""
+    from engines.native import int4_kernels
+    from engines.native.int4_kernels import SkinnyConfig, int4_matmul
+    from engines.native.quantization import quantize_rtn
+
+    n, k = 1056, 4096  # 32 groups a tile; 17 tiles of 64 rows (9 gated), the last partly empty
+    generator = torch.Generator(device="cuda").manual_seed(rows)
+    weight = quantize_rtn(torch.randn(n, k, device="cuda", generator=generator) * 0.02).group_major()
+    x = (torch.randn(rows, k, device="cuda", generator=generator) * 30).bfloat16()  # outputs in the tens
+    residual = torch.randn(rows, n, device="cuda", generator=generator).bfloat16()
+    expected = x.float() @ weight.dequantize(torch.float32).T
+    gate, up = expected.chunk(2, dim=-1)
+    config = SkinnyConfig(64, 40, 4)  # 544 units over 40 programs: most tiles split two or three ways
+    for gated, want in ((False, expected + residual.float()), (True, torch.nn.functional.silu(gate) * up)):
+        kwargs = dict(gated=True) if gated else dict(residual=residual)
+        monkeypatch.setattr(int4_kernels, "FIXED_ROWS", rows)
+        monkeypatch.setattr(int4_kernels, "FIXED_GATED_ROWS", rows)
+        fixed = [int4_matmul(x, weight, config=config, **kwargs) for _ in range(3)]
+        monkeypatch.setattr(int4_kernels, "FIXED_ROWS", 0)
+        monkeypatch.setattr(int4_kernels, "FIXED_GATED_ROWS", 0)
+        floating = int4_matmul(x, weight, config=config, **kwargs)
+        assert all(torch.equal(fixed[0], again) for again in fixed[1:])
+        assert relative_error(fixed[0], want) < 1e-2
+        assert relative_error(fixed[0], floating.float()) < 1e-2
 
 
 @pytest.mark.parametrize("config", ["128-row tiles, 8 warps, x two groups ahead", "the same, a program a group",
