@@ -18,7 +18,9 @@ the registers where `mma.sync` wants its first operand, so unpacking happens in 
   on the finished sums, so the norm needs no kernel of its own (up to NORM_ROWS rows);
 - stream-K: the work is (tile of BLOCK_N outputs, group) units shared out evenly over a whole
   number of waves of programs; a tile split between programs is finished through a
-  workspace with atomics, by the program whose groups complete it (a counter of groups);
+  workspace with atomics, by the program whose groups complete it (a counter of groups), or
+  (FIXED, at 1-2 rows) output by output through int64 fixed-point cells that count their own
+  groups, so that no fence, counter or read-back ends a program (see FIXED_BITS);
 - the next unit's words, scales and zero points are loaded while the tensor cores work on
   this one (two or three units ahead, and a cp.async ring in shared memory in session 5,
   measured slower).
