@@ -556,7 +556,8 @@ def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight:
         norm[1] if norm else 0.0, *strides, BLOCK_N=config.block_n, BLOCK_M=block_m, SLOTS=slots,
         GATED=gated, ADD_RESIDUAL=add_residual, NORM_ROWS=m if norm else 0,
         NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, DEPENDENT=dependent, FIXED=fixed,
-        num_warps=config.num_warps, TIMELINE=timelines is not None, timeline_ptr=timelines.next_slice(programs) if timelines is not None else None,
+        num_warps=config.num_warps, TIMELINE=timelines is not None,
+        timeline_ptr=timelines.next_slice(programs) if timelines is not None else None,
         maxnreg=_register_cap(min(programs, config.programs), config.num_warps, tensors[0].device),
         launch_pdl=dependent)
 

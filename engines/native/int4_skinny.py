@@ -202,11 +202,16 @@ def _unit_product(words, scale, zero, x, x_sum, MMA: gl.constexpr):
 
 
 @gluon.jit
+def _silu_times(gate, up):
+    return gate / (1.0 + gl.exp(-gate)) * up
+
+
+@gluon.jit
 def _store_output(acc, up, out_ptr, residual_ptr, rows_m, mask_m, cols, mask_n, stride_om, stride_rm,
                   GATED: gl.constexpr, ADD_RESIDUAL: gl.constexpr):
     """The epilogue of a [BLOCK_N, BLOCK_M] tile (outputs by rows): silu(gate) * up, + residual, store."""
     if GATED:
-        acc = acc / (1.0 + gl.exp(-acc)) * up
+        acc = _silu_times(acc, up)
     mask = mask_n[:, None] & mask_m[None, :]
     if ADD_RESIDUAL:
         acc += gl.load(residual_ptr + rows_m[None, :] * stride_rm + cols[:, None], mask=mask, other=0.0).to(gl.float32)
@@ -268,7 +273,13 @@ def _fixed_add(cells, partial, done, mask):
     scale: gl.constexpr = float(2 ** FIXED_BITS)
     mine = (partial * scale).to(gl.int64) + (done.to(gl.int64) << COUNT_SHIFT)
     total = gl.atomic_add(cells, mine, mask=mask, sem="relaxed") + mine
-    return total, (total + (1 << (COUNT_SHIFT - 1))) >> COUNT_SHIFT
+    return total, _fixed_count(total)
+
+
+@gluon.jit
+def _fixed_count(total):
+    """The groups summed in a cell (its value, below 2^(COUNT_SHIFT - 1) in size, rounds away)."""
+    return (total + (1 << (COUNT_SHIFT - 1))) >> COUNT_SHIFT
 
 
 @gluon.jit
@@ -297,7 +308,7 @@ def _finish_tile_fixed(acc, up, inverse_rms, tile, done, out_ptr, residual_ptr, 
     outputs = out_ptr + rows_m[None, :] * stride_om + cols[:, None]
     if done == groups:
         if GATED:
-            acc = acc / (1.0 + gl.exp(-acc)) * up
+            acc = _silu_times(acc, up)
         gl.store(outputs, (acc + residual).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         TILE_SIZE: gl.constexpr = BLOCK_N * BLOCK_M
@@ -311,10 +322,9 @@ def _finish_tile_fixed(acc, up, inverse_rms, tile, done, out_ptr, residual_ptr, 
             while gl.max(gl.max(pending.to(gl.int32), axis=1), axis=0) > 0:
                 again = gl.atomic_add(cells, gl.zeros_like(total), mask=pending, sem="relaxed")
                 total = gl.where(pending, again, total)
-                count = (total + (1 << (COUNT_SHIFT - 1))) >> COUNT_SHIFT
+                count = _fixed_count(total)
                 pending = complete & (count != groups)
-            gate = _fixed_value(total, count)
-            value = gate / (1.0 + gl.exp(-gate)) * _fixed_value(up_total, up_count)
+            value = _silu_times(_fixed_value(total, count), _fixed_value(up_total, up_count))
             gl.store(cells + TILE_SIZE, gl.zeros_like(total), mask=complete)
         else:
             complete = mask & (count == groups)

@@ -191,8 +191,8 @@ def test_int4_kernels_unpack_every_value_exactly(path, layout):
     config = dict(zip(INT4_PATHS, [GEMV_CONFIG, DotConfig(64, 64, 1, 4, 3), DotConfig(64, 64, 1, 4, 3, False),
                                    DotConfig(64, 32, 10**6, 4, 3), SkinnyConfig(64, 1, 4),
                                    SkinnyConfig(64, 10**6, 4), SkinnyConfig(64, 3, 4), SkinnyConfig(64, 1, 4, 3),
-                                   SkinnyConfig(64, 3, 4), WgmmaConfig(64, 4, 1), WgmmaConfig(64, 4, 10**6), WgmmaConfig(128, 8, 1, 2),
-                                   WgmmaConfig(64, 4, 1, 1, 3), None]))[path]
+                                   SkinnyConfig(64, 3, 4), WgmmaConfig(64, 4, 1), WgmmaConfig(64, 4, 10**6),
+                                   WgmmaConfig(128, 8, 1, 2), WgmmaConfig(64, 4, 1, 1, 3), None]))[path]
     n, k = 96, 256  # two row tiles of 64, the second half empty
     values = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8)
     zeros = torch.randint(0, 16, (n, k // 128), device="cuda", dtype=torch.uint8)
