@@ -263,14 +263,20 @@ def _finish_tile(acc, up, inverse_rms, tile, done, out_ptr, residual_ptr, worksp
 # batch-1 step, skipping the fix-up altogether saved 240 us of 2,556 (session 13). Integer adds
 # are exact and commutative, so the result no longer depends on the programs' order. Range:
 # |sum| < 2^(COUNT_SHIFT - 1 - FIXED_BITS) = 2^29; resolution 2^-24; up to 2^9 groups (K <= 65,536).
+# Each partial sum is clamped to +-PARTIAL_LIMIT first (NaN to -PARTIAL_LIMIT: min and max return
+# the operand that is a number), so that no input, however broken, can carry into the count. Without
+# it a NaN input left a cell's count wrong and the next call's outputs wrong (session 14's GPU test),
+# and a step with NaN activations hung the GPU (most likely a gated cell never whole, its thread spinning).
 FIXED_BITS = gl.constexpr(24)
 COUNT_SHIFT = gl.constexpr(54)
+PARTIAL_LIMIT = gl.constexpr(float(2 ** 20 - 1))  # times the 2^9 partials a cell may take: below 2^29
 
 
 @gluon.jit
 def _fixed_add(cells, partial, done, mask):
     """Adds `partial` (fp32) for `done` groups into int64 cells: (the cells' new totals, their group counts)."""
     scale: gl.constexpr = float(2 ** FIXED_BITS)
+    partial = gl.minimum(gl.maximum(partial, -PARTIAL_LIMIT), PARTIAL_LIMIT)
     mine = (partial * scale).to(gl.int64) + (done.to(gl.int64) << COUNT_SHIFT)
     total = gl.atomic_add(cells, mine, mask=mask, sem="relaxed") + mine
     return total, _fixed_count(total)

@@ -237,6 +237,32 @@ def test_skinny_fixed_point_split_k_repeats_bit_for_bit_and_matches_the_float_fi
         assert relative_error(fixed[0], floating.float()) < 1e-2
 
 
+@pytest.mark.timeout(120, method="thread")  # the failure this guards against was a hung GPU
+@pytest.mark.parametrize("broken", ["nan", "inf", "1e30"])
+def test_skinny_fixed_point_cells_survive_a_broken_input_and_leave_the_next_call_right(broken):
+    """A non-finite or huge input must not carry into a fixed-point cell's group count: that hung
+    the gated kernel (a thread waiting forever for a count) and left plain tiles unwritten. The
+    broken call finishes, and the next call on the same workspace is right."""
+    from engines.native.int4_kernels import SkinnyConfig, int4_matmul
+    from engines.native.quantization import quantize_rtn
+
+    n, k = 1056, 4096
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    weight = quantize_rtn(torch.randn(n, k, device="cuda", generator=generator) * 0.02).group_major()
+    x = torch.randn(1, k, device="cuda", generator=generator).bfloat16()
+    residual = torch.randn(1, n, device="cuda", generator=generator).bfloat16()
+    expected = x.float() @ weight.dequantize(torch.float32).T
+    gate, up = expected.chunk(2, dim=-1)
+    bad = x.clone()
+    bad[0, 5] = float(broken)
+    config = SkinnyConfig(64, 40, 4)  # most tiles split two or three ways: through the cells
+    for gated, want in ((True, torch.nn.functional.silu(gate) * up), (False, expected + residual.float())):
+        kwargs = dict(gated=True) if gated else dict(residual=residual)
+        int4_matmul(bad, weight, config=config, **kwargs)
+        torch.cuda.synchronize()  # returns: no thread is left waiting on a cell
+        assert relative_error(int4_matmul(x, weight, config=config, **kwargs), want) < 1e-2
+
+
 @pytest.mark.parametrize("config", ["128-row tiles, 8 warps, x two groups ahead", "the same, a program a group",
                                     "64-row tiles, 4 warps, K split unevenly", "256-row tiles, a ring of 3 groups",
                                     "64-row tiles, a ring of 2 groups, K split unevenly"])
