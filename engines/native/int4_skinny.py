@@ -256,7 +256,7 @@ def _finish_tile(acc, up, inverse_rms, tile, done, out_ptr, residual_ptr, worksp
 
 
 # Fixed-point split-K (up to FIXED_ROWS input rows): a program's partial sum of an output goes into
-# an int64 cell as round(sum * 2^FIXED_BITS) + (groups summed) * 2^COUNT_SHIFT, by one returning
+# an int64 cell as sum * 2^FIXED_BITS (truncated) + (groups summed) * 2^COUNT_SHIFT, by one returning
 # atomic add; the thread whose add brings the count to all of the tile's groups holds the whole
 # sum and writes the output itself. One L2 round trip at a program's end instead of three (float
 # atomics, a fence and a counter, then reading the sums back), and no barrier: in a Llama-3-8B

@@ -208,24 +208,32 @@ def test_int4_kernels_unpack_every_value_exactly(path, layout):
     assert torch.equal(out.float(), expected.T)  # [K, N] = W.T
 
 
+def split_k_case(rows: int, seed: int, x_scale: float):
+    """(an INT4 weight of 1056 x 4096, x [rows, 4096]) and, per epilogue ("plain" with a residual,
+    "gated"), (int4_matmul's keyword arguments, dequantize-then-matmul's answer)."""
+    from engines.native.quantization import quantize_rtn
+
+    n, k = 1056, 4096  # 32 groups a tile; 17 tiles of 64 rows (9 gated), the last partly empty
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    weight = quantize_rtn(torch.randn(n, k, device="cuda", generator=generator) * 0.02).group_major()
+    x = (torch.randn(rows, k, device="cuda", generator=generator) * x_scale).bfloat16()
+    residual = torch.randn(rows, n, device="cuda", generator=generator).bfloat16()
+    expected = x.float() @ weight.dequantize(torch.float32).T
+    gate, up = expected.chunk(2, dim=-1)
+    return weight, x, {"plain": (dict(residual=residual), expected + residual.float()),
+                       "gated": (dict(gated=True), torch.nn.functional.silu(gate) * up)}
+
+
 @pytest.mark.parametrize("rows", [1, 2])
 def test_skinny_fixed_point_split_k_repeats_bit_for_bit_and_matches_the_float_fix_up(rows, monkeypatch):
     """Split K through int64 fixed-point cells (int4_skinny.FIXED_BITS), plain and gated, against
     the float atomics' fix-up and dequantize-then-matmul; integer adds make it order-independent."""
     from engines.native import int4_kernels
     from engines.native.int4_kernels import SkinnyConfig, int4_matmul
-    from engines.native.quantization import quantize_rtn
 
-    n, k = 1056, 4096  # 32 groups a tile; 17 tiles of 64 rows (9 gated), the last partly empty
-    generator = torch.Generator(device="cuda").manual_seed(rows)
-    weight = quantize_rtn(torch.randn(n, k, device="cuda", generator=generator) * 0.02).group_major()
-    x = (torch.randn(rows, k, device="cuda", generator=generator) * 30).bfloat16()  # outputs in the tens
-    residual = torch.randn(rows, n, device="cuda", generator=generator).bfloat16()
-    expected = x.float() @ weight.dequantize(torch.float32).T
-    gate, up = expected.chunk(2, dim=-1)
+    weight, x, epilogues = split_k_case(rows, seed=rows, x_scale=30)  # outputs in the tens
     config = SkinnyConfig(64, 40, 4)  # 544 units over 40 programs: most tiles split two or three ways
-    for gated, want in ((False, expected + residual.float()), (True, torch.nn.functional.silu(gate) * up)):
-        kwargs = dict(gated=True) if gated else dict(residual=residual)
+    for kwargs, want in (epilogues["plain"], epilogues["gated"]):
         monkeypatch.setattr(int4_kernels, "FIXED_ROWS", rows)
         monkeypatch.setattr(int4_kernels, "FIXED_GATED_ROWS", rows)
         fixed = [int4_matmul(x, weight, config=config, **kwargs) for _ in range(3)]
@@ -237,27 +245,20 @@ def test_skinny_fixed_point_split_k_repeats_bit_for_bit_and_matches_the_float_fi
         assert relative_error(fixed[0], floating.float()) < 1e-2
 
 
-@pytest.mark.timeout(120, method="thread")  # the failure this guards against was a hung GPU
+@pytest.mark.timeout(120, method="thread")  # a gated cell whose count never completes spins: fail, not hang
 @pytest.mark.parametrize("broken", ["nan", "inf", "1e30"])
 def test_skinny_fixed_point_cells_survive_a_broken_input_and_leave_the_next_call_right(broken):
-    """A non-finite or huge input must not carry into a fixed-point cell's group count: that hung
-    the gated kernel (a thread waiting forever for a count) and left plain tiles unwritten. The
-    broken call finishes, and the next call on the same workspace is right."""
+    """A non-finite or huge input must not carry into a fixed-point cell's group count (a NaN did
+    before int4_skinny.PARTIAL_LIMIT: the next call's outputs were wrong, and a gated cell whose
+    count never completes keeps its thread waiting). The broken call finishes, and the next call
+    on the same workspace is right."""
     from engines.native.int4_kernels import SkinnyConfig, int4_matmul
-    from engines.native.quantization import quantize_rtn
 
-    n, k = 1056, 4096
-    generator = torch.Generator(device="cuda").manual_seed(7)
-    weight = quantize_rtn(torch.randn(n, k, device="cuda", generator=generator) * 0.02).group_major()
-    x = torch.randn(1, k, device="cuda", generator=generator).bfloat16()
-    residual = torch.randn(1, n, device="cuda", generator=generator).bfloat16()
-    expected = x.float() @ weight.dequantize(torch.float32).T
-    gate, up = expected.chunk(2, dim=-1)
+    weight, x, epilogues = split_k_case(1, seed=7, x_scale=1)
     bad = x.clone()
     bad[0, 5] = float(broken)
     config = SkinnyConfig(64, 40, 4)  # most tiles split two or three ways: through the cells
-    for gated, want in ((True, torch.nn.functional.silu(gate) * up), (False, expected + residual.float())):
-        kwargs = dict(gated=True) if gated else dict(residual=residual)
+    for kwargs, want in (epilogues["gated"], epilogues["plain"]):
         int4_matmul(bad, weight, config=config, **kwargs)
         torch.cuda.synchronize()  # returns: no thread is left waiting on a cell
         assert relative_error(int4_matmul(x, weight, config=config, **kwargs), want) < 1e-2
