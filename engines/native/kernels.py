@@ -177,15 +177,30 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _first_maximum(values, offsets, SIZE: tl.constexpr):
+    """(value, offset) of the first maximum of a 1-D block, NaN counting as the largest, as in
+    torch.argmax. (A comparison with NaN is false, so a plain max over a block holding one may
+    answer any offset: a padding column past the vocabulary, say, whose token id would then index
+    past the embedding table in the next step.)"""
+    is_nan = values != values
+    first_nan = tl.min(tl.where(is_nan, offsets, SIZE), axis=0)
+    value, index = tl.max(tl.where(is_nan, float("-inf"), values), axis=0, return_indices=True,
+                          return_indices_tie_break_left=True)
+    has_nan = first_nan < SIZE
+    return tl.where(has_nan, float("nan"), value), tl.where(has_nan, first_nan, index)
+
+
+@triton.jit
 def _chunk_argmax_kernel(logits_ptr, values_ptr, indices_ptr, stride_row, size, CHUNK: tl.constexpr,
                          DEPENDENT: tl.constexpr):
     """The first maximum of one CHUNK of one row: its value and column, into [rows, chunks] buffers."""
     wait_for_previous_kernel(DEPENDENT)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    columns = chunk * CHUNK + tl.arange(0, CHUNK)
+    offsets = tl.arange(0, CHUNK)
+    columns = chunk * CHUNK + offsets
     values = tl.load(logits_ptr + row * stride_row + columns, mask=columns < size, other=float("-inf"))
-    value, index = tl.max(values, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    value, index = _first_maximum(values, offsets, CHUNK)
     tl.store(values_ptr + row * tl.num_programs(1) + chunk, value)
     tl.store(indices_ptr + row * tl.num_programs(1) + chunk, chunk * CHUNK + index.to(tl.int64))
 
@@ -198,7 +213,7 @@ def _argmax_of_chunks_kernel(values_ptr, indices_ptr, out_ptr, chunks, BLOCK: tl
     row = tl.program_id(0)
     offsets = tl.arange(0, BLOCK)
     values = tl.load(values_ptr + row * chunks + offsets, mask=offsets < chunks, other=float("-inf"))
-    _, best = tl.max(values, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    _, best = _first_maximum(values, offsets, BLOCK)
     tl.store(out_ptr + row, tl.load(indices_ptr + row * chunks + best))
 
 

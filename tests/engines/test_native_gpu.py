@@ -321,6 +321,55 @@ def test_argmax_rows_matches_torch_including_ties():
     assert torch.equal(argmax_rows(logits), logits.argmax(-1))
 
 
+def test_argmax_rows_counts_nan_as_the_maximum_as_torch_does():
+    """A row holding NaN answers its first NaN's column (torch.argmax's answer), never a padding
+    column past the vocabulary: in a captured step launched ahead, that token id is the next
+    step's embedding index."""
+    from engines.native.kernels import argmax_rows
+
+    generator = torch.Generator(device="cuda").manual_seed(12)
+    size = 128256  # 63 chunks of kernels.ARGMAX_CHUNK, the last one partly padding
+    logits = torch.randn(8, size, device="cuda", generator=generator)
+    logits[0, 70000] = float("nan")
+    logits[1, size - 1] = float("nan")  # in the partly padded last chunk
+    logits[2, [4500, 100, 90000]] = float("nan")  # the first of several, in different chunks
+    logits[3] = float("nan")
+    logits[4] = float("-inf")
+    logits[5, 10], logits[5, 20] = float("inf"), float("nan")  # NaN beats +inf
+    logits[6, 2047], logits[6, 2048] = float("inf"), float("inf")
+    logits[7, 127000:] = float("nan")
+    expected = torch.tensor([70000, size - 1, 100, 0, 0, 20, 2047, 127000], device="cuda")
+    assert torch.equal(logits.argmax(-1), expected)
+    assert torch.equal(argmax_rows(logits), expected)
+
+
+@pytest.mark.timeout(180, method="thread")  # a step that never finishes fails the test instead of hanging it
+def test_a_captured_int4_step_with_nan_activations_finishes_and_the_next_step_is_right(monkeypatch):
+    """A NaN in a decode step's activations (here from a poisoned embedding row) reaches every
+    INT4 kernel's split-K cells: the step must finish, answer torch's greedy token for whatever
+    logits it made (an in-vocabulary one), and leave the workspace right for the next step."""
+    from engines.native.model import NAMED_SHAPES, LlamaConfig
+    from engines.native.model_runner import ModelRunner, RunnerConfig
+
+    # Llama-shaped, 128-input groups: the stream-K skinny kernel and its fixed-point cells
+    monkeypatch.setitem(NAMED_SHAPES, "small-llama", LlamaConfig(32000, 2048, 5632, 4, 16, 4))
+    runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, 4096, max_context_tokens=1024, quantize="int4"),
+                         shape="small-llama")
+    poisoned_token = 13
+    clean, broken = prefilled_for_decode(runner, [6, 9], seed=8, next_token=poisoned_token)
+    clean.token_ids[-1] = 11
+    expected = runner.logits([clean], False)
+    runner._decode_with_graph([clean], None)  # captures the batch-1 step
+    table = runner.model.embed_tokens.weight
+    row = table[poisoned_token].clone()
+    table[poisoned_token] = float("nan")
+    logits, greedy, _ = runner._decode_with_graph([broken], None)
+    torch.cuda.synchronize()  # returns: no program is left waiting on a cell
+    assert torch.equal(greedy, logits.argmax(-1)) and 0 <= greedy.item() < 32000
+    table[poisoned_token] = row
+    assert relative_error(runner._decode_with_graph([clean], None)[0], expected) < 2e-2
+
+
 def prefilled_for_decode(runner, lengths: list[int], seed: int, next_token: int) -> list:
     """Sequences of random prompts of `lengths`, prefilled (their K/V in the cache), each with
     `next_token` appended: ready for one decode step."""
