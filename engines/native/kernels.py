@@ -22,6 +22,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: no inline asm, no PDL
@@ -103,6 +104,49 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
                                     BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8, DEPENDENT=dependent,
                                     launch_pdl=dependent)
     return out
+
+
+@triton.jit
+def _embed_and_rotary_kernel(ids_ptr, flags_ptr, fed_ptr, positions_ptr, inv_freq_ptr, table_ptr, x_ptr, cos_ptr,
+                             sin_ptr, hidden, stride_table, half, FED: tl.constexpr, BLOCK_H: tl.constexpr,
+                             BLOCK_D: tl.constexpr, DEPENDENT: tl.constexpr):
+    """One token a program: its row of the embedding table (its id taken from `fed` where its flag
+    is set) and RoPE's cos and sin of its position times each inverse frequency."""
+    wait_for_previous_kernel(DEPENDENT)
+    row = tl.program_id(0)
+    token = tl.load(ids_ptr + row)
+    if FED:
+        token = tl.where(tl.load(flags_ptr + row) != 0, tl.load(fed_ptr + row), token)
+    for start in range(0, hidden, BLOCK_H):
+        columns = start + tl.arange(0, BLOCK_H)
+        mask = columns < hidden
+        tl.store(x_ptr + row * hidden + columns, tl.load(table_ptr + token * stride_table + columns, mask=mask),
+                 mask=mask)
+    dims = tl.arange(0, BLOCK_D)
+    mask = dims < half
+    angles = tl.load(positions_ptr + row).to(tl.float32) * tl.load(inv_freq_ptr + dims, mask=mask, other=0.0)
+    tl.store(cos_ptr + row * half + dims, libdevice.cos(angles), mask=mask)  # libdevice: torch's cosf, not an
+    tl.store(sin_ptr + row * half + dims, libdevice.sin(angles), mask=mask)  # approximation (angles reach 10^4)
+
+
+def embed_and_rotary_tables(table: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+                            inv_freq: torch.Tensor, fed: tuple[torch.Tensor, torch.Tensor] | None = None,
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's first kernel: (embedding rows [tokens, hidden], cos and sin fp32 [tokens, head_dim / 2])
+    for int64 `input_ids` and `positions`; `fed` = (flags, ids): rows whose flag is set take their
+    id from `ids` (a captured decode step, the previous step's tokens). One launch instead of
+    torch's seven (select, cast, multiply, cos, sin, gather)."""
+    tokens, (_, hidden), half = input_ids.shape[0], table.shape, inv_freq.shape[0]
+    x = torch.empty((tokens, hidden), dtype=table.dtype, device=table.device)
+    cos = torch.empty((tokens, half), dtype=torch.float32, device=table.device)
+    sin = torch.empty_like(cos)
+    flags, fed_ids = fed if fed is not None else (input_ids, input_ids)
+    dependent = dependent_launch(table.device)
+    _embed_and_rotary_kernel[(tokens,)](
+        input_ids, flags, fed_ids, positions, inv_freq, table, x, cos, sin, hidden, table.stride(0), half,
+        FED=fed is not None, BLOCK_H=min(4096, triton.next_power_of_2(hidden)), BLOCK_D=triton.next_power_of_2(half),
+        DEPENDENT=dependent, num_warps=4, launch_pdl=dependent)
+    return x, cos, sin
 
 
 @triton.jit
@@ -220,16 +264,17 @@ def _argmax_of_chunks_kernel(values_ptr, indices_ptr, out_ptr, chunks, BLOCK: tl
 ARGMAX_CHUNK = 2048
 
 
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """logits [rows, vocab] (float32, vocab contiguous) -> int64 [rows], the first maximum of each row:
     torch.argmax's answer (torch's reduction took 13-28 us for a 49k-128k vocab). Two kernels: the
     maximum of each chunk of ARGMAX_CHUNK columns, all at once, then of the chunks' (one program a
-    row reading the whole row took 29 us for Llama 3's vocab at batch 1)."""
+    row reading the whole row took 29 us for Llama 3's vocab at batch 1). `out`: an int64 [rows]
+    to write them into."""
     rows, size = logits.shape
     chunks = triton.cdiv(size, ARGMAX_CHUNK)
     values = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device)
     indices = torch.empty((rows, chunks), dtype=torch.int64, device=logits.device)
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device) if out is None else out
     dependent = dependent_launch(logits.device)
     _chunk_argmax_kernel[(rows, chunks)](logits, values, indices, logits.stride(0), size, CHUNK=ARGMAX_CHUNK,
                                          num_warps=4, DEPENDENT=dependent, launch_pdl=dependent)

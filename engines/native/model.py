@@ -253,14 +253,24 @@ class LlamaForCausalLM(nn.Module):
                              persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                last_token_index: torch.Tensor) -> torch.Tensor:
-        """input_ids/positions: [tokens]; returns float32 logits [len(last_token_index), vocab]."""
-        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [tokens, head_dim/2]
-        cos, sin = angles.cos(), angles.sin()
-        x = self.embed_tokens(input_ids)
+                last_token_index: torch.Tensor | None = None,
+                fed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """input_ids/positions: [tokens]; returns float32 logits [len(last_token_index), vocab]
+        (every token's when None). `fed` = (flags, ids): rows whose flag is set take their input
+        id from `ids` instead (a captured decode step, the previous step's tokens on the device)."""
+        if input_ids.is_cuda:
+            from engines.native.kernels import embed_and_rotary_tables  # Triton: GPUs only
+
+            x, cos, sin = embed_and_rotary_tables(self.embed_tokens.weight, input_ids, positions, self.inv_freq, fed)
+        else:
+            if fed is not None:
+                input_ids = torch.where(fed[0].bool(), fed[1], input_ids)
+            angles = positions.float()[:, None] * self.inv_freq[None, :]  # [tokens, head_dim/2]
+            cos, sin = angles.cos(), angles.sin()
+            x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, meta)
-        x = self.norm(x[last_token_index])
+        x = self.norm(x if last_token_index is None else x[last_token_index])
         return self.lm_head(x).float()
 
     def weight_bytes_per_token(self) -> int:

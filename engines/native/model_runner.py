@@ -202,12 +202,11 @@ class ModelRunner:
         meta = AttentionMetadata(False, slots, lengths, tables, [])
         # Kept in `static`: the graph reads these tensors' memory on every replay, so they must
         # outlive this function (a freed one would be reused by the allocator under the graph).
-        last_index = static["last_index"] = torch.arange(bucket, dtype=torch.long, device=self.device)
-        previous_tokens = static["previous_tokens"] = torch.zeros(bucket, dtype=torch.long, device=self.device)
+        # The step's greedy tokens, which the next replay takes as input where `fed` says so.
+        greedy = static["greedy"] = torch.zeros(bucket, dtype=torch.long, device=self.device)
 
         def forward() -> torch.Tensor:
-            token_ids = torch.where(fed.bool(), previous_tokens, input_ids)
-            return self.model(token_ids, positions, meta, last_index)
+            return self.model(input_ids, positions, meta, fed=(fed, greedy))  # a logits row per sequence
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -221,8 +220,7 @@ class ModelRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool), torch.inference_mode():
             static["logits"] = forward()
-            static["greedy"] = argmax_rows(static["logits"])  # greedy rows need no other work
-            previous_tokens.copy_(static["greedy"])  # for the next replay, when it is launched ahead
+            argmax_rows(static["logits"], out=greedy)  # greedy rows need no other work
         self._graphs[bucket] = (graph, static)
         return graph, static
 

@@ -321,6 +321,28 @@ def test_argmax_rows_matches_torch_including_ties():
     assert torch.equal(argmax_rows(logits), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("fed", [False, True])
+def test_embed_and_rotary_tables_give_torch_embedding_cos_and_sin(fed):
+    """The step's first kernel against torch: the embedding rows (each id taken from the fed ids
+    where its flag is set), and cos / sin of positions up to the longest context, where an
+    approximate cosine would be off."""
+    from engines.native.kernels import embed_and_rotary_tables
+    from engines.native.model import NAMED_SHAPES, rope_inverse_frequencies
+
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    table = torch.randn(1000, 4096, device="cuda", generator=generator).bfloat16()
+    inv_freq = rope_inverse_frequencies(NAMED_SHAPES["llama-3-8b"]).cuda()
+    ids = torch.randint(0, 1000, (7,), device="cuda", generator=generator)
+    positions = torch.tensor([0, 1, 5, 127, 4095, 8191, 131071], device="cuda")
+    flags = torch.tensor([1, 0, 1, 1, 0, 0, 1], device="cuda")
+    fed_ids = torch.randint(0, 1000, (7,), device="cuda", generator=generator)
+    x, cos, sin = embed_and_rotary_tables(table, ids, positions, inv_freq, (flags, fed_ids) if fed else None)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    assert torch.equal(x, table[torch.where(flags.bool(), fed_ids, ids) if fed else ids])
+    assert torch.allclose(cos, angles.cos(), rtol=0, atol=1e-6)
+    assert torch.allclose(sin, angles.sin(), rtol=0, atol=1e-6)
+
+
 def test_argmax_rows_counts_nan_as_the_maximum_as_torch_does():
     """A row holding NaN answers its first NaN's column (torch.argmax's answer), never a padding
     column past the vocabulary: in a captured step launched ahead, that token id is the next
