@@ -16,7 +16,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from engines.base import Engine, EngineError, FinishReason, GenerationChunk, GenerationRequest, SamplingParams
+from engines.base import (
+    Engine,
+    EngineError,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    RequestFailed,
+    SamplingParams,
+)
 from app.scheduler_errors import (
     Draining,
     EngineFailed,
@@ -342,9 +350,11 @@ class Scheduler:
 
     def _fall_back(self, handle: RequestHandle, failed: EngineSlot, tried: list[EngineSlot],
                    error: EngineError) -> EngineSlot | None:
-        """Take the failed engine out of rotation; move the request if nothing was sent yet."""
+        """Take the failed engine out of rotation (unless only this request failed); move the
+        request if nothing was sent yet."""
         log.warning("scheduler: engine %s failed for request %s: %s", failed.name, handle.request_id, error)
-        self._take_out_of_rotation(failed)
+        if not isinstance(error, RequestFailed):
+            self._take_out_of_rotation(failed)
         if handle.ticket.num_generated > 0:
             return None  # the client has seen output; a silent retry would repeat or diverge
         candidates = [s for s in self._slots[failed.model_id] if s.in_rotation and s not in tried]

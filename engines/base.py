@@ -33,6 +33,11 @@ class EngineNotReady(EngineError):
     """The engine has not loaded (yet) or has been stopped."""
 
 
+class RequestFailed(EngineError):
+    """The engine could not answer this one request (its logits held a NaN, say) but serves the
+    others: it is not taken out of rotation."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request. `temperature == 0` means greedy."""

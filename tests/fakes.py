@@ -18,6 +18,7 @@ from engines.base import (
     FinishReason,
     GenerationChunk,
     GenerationRequest,
+    RequestFailed,
 )
 
 EOS = 0
@@ -43,6 +44,7 @@ class Faults:
     fail_before_first_token: int = 0  # fail this many upcoming requests before any output
     fail_after_tokens: int | None = None  # fail every request after this many tokens
     unhealthy: bool = False  # is_healthy() answer while set
+    only_the_request: bool = False  # the failures are RequestFailed (that request's, not the engine's)
 
 
 @dataclass
@@ -86,7 +88,8 @@ class FakeEngine(Engine):
             limit = request.sampling.max_tokens
             for index, token in enumerate(tokens[:limit]):
                 if self.faults.fail_after_tokens is not None and index == self.faults.fail_after_tokens:
-                    raise EngineError("fake", "injected failure after output")
+                    failure = RequestFailed if self.faults.only_the_request else EngineError
+                    raise failure("fake", "injected failure after output")
                 await asyncio.sleep(self.token_delay_s)
                 last = index == min(len(tokens), limit) - 1
                 reason = None

@@ -24,12 +24,13 @@ from engines.base import (
     FinishReason,
     GenerationChunk,
     GenerationRequest,
+    RequestFailed,
 )
 from engines.byte_level_decoder import CHECK_TEXT, ByteLevelDecoder, checked_decoder
 from engines.native.block_manager import BlockManager
 from engines.native.scheduler import Scheduler, SchedulerConfig
 from engines.native.sequence import Sequence
-from engines.native.step_loop import StepFailed, StepLoop
+from engines.native.step_loop import NAN_FAILURE, StepFailed, StepLoop
 from engines.request_streams import RequestStreams, stream_request
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ class NativeOptions:
     # None: on CUDA only (on the CPU a step "launched" is a step computed, so each token would
     # reach its stream one step late).
     run_ahead: bool | None = None
+
+
+NAN_MESSAGE = ("the model's logits for this request hold a NaN, so no token can be chosen (broken weights, "
+               "or activations that overflowed); the request is failed rather than answered with arbitrary tokens")
 
 
 class HFTokenizer:
@@ -90,6 +95,7 @@ class NativeEngine(LoadingEngine):
         self._thread: threading.Thread | None = None
         self._healthy = False
         self._scheduler: Scheduler | None = None
+        self._runner = None  # the ModelRunner, once started (torch: imported by start())
 
     def start(self) -> None:
         from engines.native.model_runner import ModelRunner, RunnerConfig
@@ -100,6 +106,7 @@ class NativeEngine(LoadingEngine):
         runner = ModelRunner(RunnerConfig(options.device, dtype, options.block_size, options.kv_cache_tokens,
                                           quantize=options.quantization,
                                           quantize_lm_head=options.quantize_lm_head), checkpoint)
+        self._runner = runner
         self._tokenizer = HFTokenizer(checkpoint)
         if runner.device.type == "cuda":  # kernels compile and graphs capture only there
             log.info("native engine: compiling kernels and capturing CUDA graphs for up to %d sequences",
@@ -195,7 +202,11 @@ class NativeEngine(LoadingEngine):
                 continue
             deliveries = []
             for seq, token, reason in results:
-                deliveries.append((seq.seq_id, GenerationChunk((token,), FinishReason(reason) if reason else None)))
+                if reason == NAN_FAILURE:
+                    log.error("native: request %s failed: NaN in its logits", seq.seq_id)
+                    deliveries.append((seq.seq_id, RequestFailed(self.kind, NAN_MESSAGE)))
+                else:
+                    deliveries.append((seq.seq_id, GenerationChunk((token,), FinishReason(reason) if reason else None)))
                 if reason:
                     steps.runner.sampler.forget(seq.seq_id)
             self._streams.deliver(deliveries)

@@ -25,6 +25,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from engines.native.sequence import NAN_LOGITS
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: no inline asm, no PDL
 
 # LOWBIT_DEPENDENT_LAUNCH=0 launches every kernel only after the one before it has finished
@@ -115,8 +117,8 @@ def _embed_and_rotary_kernel(ids_ptr, flags_ptr, fed_ptr, positions_ptr, inv_fre
     wait_for_previous_kernel(DEPENDENT)
     row = tl.program_id(0)
     token = tl.load(ids_ptr + row)
-    if FED:
-        token = tl.where(tl.load(flags_ptr + row) != 0, tl.load(fed_ptr + row), token)
+    if FED:  # a fed NAN_LOGITS (-1) reads row 0, not the memory before the table (its step is thrown away)
+        token = tl.where(tl.load(flags_ptr + row) != 0, tl.maximum(tl.load(fed_ptr + row), 0), token)
     for start in range(0, hidden, BLOCK_H):
         columns = start + tl.arange(0, BLOCK_H)
         mask = columns < hidden
@@ -222,6 +224,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_NAN_LOGITS = tl.constexpr(NAN_LOGITS)
+
+
 @triton.jit
 def _first_maximum(values, offsets, SIZE: tl.constexpr):
     """(value, offset) of the first maximum of a 1-D block, NaN counting as the largest, as in
@@ -254,13 +259,15 @@ def _chunk_argmax_kernel(logits_ptr, values_ptr, indices_ptr, stride_row, size, 
 @triton.jit
 def _argmax_of_chunks_kernel(values_ptr, indices_ptr, out_ptr, chunks, BLOCK: tl.constexpr,
                              DEPENDENT: tl.constexpr):
-    """Each row's first maximum from its chunks' (the earliest chunk wins a tie, as torch.argmax)."""
+    """Each row's first maximum from its chunks' (the earliest chunk wins a tie, as torch.argmax),
+    or NAN_LOGITS where it is a NaN."""
     wait_for_previous_kernel(DEPENDENT)
     row = tl.program_id(0)
     offsets = tl.arange(0, BLOCK)
     values = tl.load(values_ptr + row * chunks + offsets, mask=offsets < chunks, other=float("-inf"))
-    _, best = _first_maximum(values, offsets, BLOCK)
-    tl.store(out_ptr + row, tl.load(indices_ptr + row * chunks + best))
+    value, best = _first_maximum(values, offsets, BLOCK)
+    index = tl.load(indices_ptr + row * chunks + best)
+    tl.store(out_ptr + row, tl.where(value != value, _NAN_LOGITS, index))
 
 
 ARGMAX_CHUNK = 2048
@@ -268,7 +275,8 @@ ARGMAX_CHUNK = 2048
 
 def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """logits [rows, vocab] (float32, vocab contiguous) -> int64 [rows], the first maximum of each row:
-    torch.argmax's answer (torch's reduction took 13-28 us for a 49k-128k vocab). Two kernels: the
+    torch.argmax's answer, except NAN_LOGITS for a row holding a NaN (sampler.greedy_tokens's
+    answer; torch's reduction took 13-28 us for a 49k-128k vocab). Two kernels: the
     maximum of each chunk of ARGMAX_CHUNK columns, all at once, then of the chunks' (one program a
     row reading the whole row took 29 us for Llama 3's vocab at batch 1). `out`: an int64 [rows]
     to write them into."""

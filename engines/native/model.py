@@ -165,6 +165,9 @@ def batched_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     scores = torch.einsum("skgd,stkd->skgt", grouped, keys.float()) * scale  # [seqs, kv, group, ctx]
     valid = torch.arange(keys.shape[1], device=q.device)[None, :] < meta.context_lens[:, None]  # [seqs, ctx]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    # Padding positions read other sequences' blocks (tables are padded with block 0): zeroed, so
+    # that a NaN there (a sequence whose weights or input overflowed) does not reach this one as 0 x NaN.
+    values = values.masked_fill(~valid[:, :, None, None], 0.0)
     out = torch.einsum("skgt,stkd->skgd", scores.softmax(-1), values.float())
     return out.reshape(seqs, heads, head_dim).to(q.dtype)
 
@@ -264,7 +267,7 @@ class LlamaForCausalLM(nn.Module):
             x, cos, sin = embed_and_rotary_tables(self.embed_tokens.weight, input_ids, positions, self.inv_freq, fed)
         else:
             if fed is not None:
-                input_ids = torch.where(fed[0].bool(), fed[1], input_ids)
+                input_ids = torch.where(fed[0].bool(), fed[1].clamp_min(0), input_ids)  # NAN_LOGITS: row 0
             angles = positions.float()[:, None] * self.inv_freq[None, :]  # [tokens, head_dim/2]
             cos, sin = angles.cos(), angles.sin()
             x = self.embed_tokens(input_ids)

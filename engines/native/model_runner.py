@@ -17,7 +17,7 @@ from engines.native.model import (
     random_state,
     read_checkpoint,
 )
-from engines.native.sampler import Sampler
+from engines.native.sampler import Sampler, greedy_tokens
 from engines.native.sequence import Sequence
 
 
@@ -104,7 +104,7 @@ class ModelRunner:
             from engines.native.kernels import argmax_rows  # Triton: GPUs only
 
             return PendingTokens(argmax_rows(logits), self._token_buffers)
-        return PendingTokens(logits.argmax(dim=-1), self._token_buffers)
+        return PendingTokens(greedy_tokens(logits), self._token_buffers)
 
     def _graph_serves(self, seqs: list[Sequence], ahead: bool) -> bool:
         return self.use_graphs and len(seqs) <= GRAPH_BATCH_SIZES[-1] \
@@ -258,7 +258,8 @@ class ModelRunner:
             query_start_tensor=torch.tensor(query_start, **as_long) if is_prefill else None,
             max_query_len=max(end - start for start, end in zip(query_start, query_start[1:])),
         )
-        token_ids = ahead.to(torch.long) if step_ahead else torch.tensor(input_ids, **as_long)
+        # A fed NAN_LOGITS (-1) reads embedding row 0: that sequence's row of this step is thrown away.
+        token_ids = ahead.to(torch.long).clamp_min(0) if step_ahead else torch.tensor(input_ids, **as_long)
         return self.model(token_ids, torch.tensor(positions, **as_long), meta, torch.tensor(last_index, **as_long))
 
 

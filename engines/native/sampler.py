@@ -1,7 +1,8 @@
 """Next-token choice per sequence: greedy, or temperature / top-k / top-p sampling.
 
 Each sequence samples from its own `torch.Generator`, seeded from the request's seed, so a
-seeded request gives the same tokens whatever else shares its batch.
+seeded request gives the same tokens whatever else shares its batch. A row of logits holding a
+NaN gets sequence.NAN_LOGITS, greedy or not.
 """
 
 from __future__ import annotations
@@ -11,6 +12,13 @@ import random
 import torch
 
 from engines.base import SamplingParams
+from engines.native.sequence import NAN_LOGITS
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits [rows, vocab] -> int64 [rows]: each row's first maximum (torch.argmax's), NAN_LOGITS
+    where the row holds a NaN (torch.argmax would answer the NaN's column)."""
+    return torch.where(logits.isnan().any(dim=-1), NAN_LOGITS, logits.argmax(dim=-1))
 
 
 class Sampler:
@@ -22,12 +30,12 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, seq_ids: list[str], params: list[SamplingParams],
                greedy: torch.Tensor | None = None) -> list[int]:
-        """logits: [seqs, vocab] float32 -> one token id per sequence. `greedy`: the argmax of
-        each row when the caller already has it (a captured decode step computes it)."""
-        greedy = (logits.argmax(dim=-1) if greedy is None else greedy).tolist()
+        """logits: [seqs, vocab] float32 -> one token id per sequence. `greedy`: greedy_tokens(logits)
+        when the caller already has it (a captured decode step computes it: kernels.argmax_rows)."""
+        greedy = (greedy_tokens(logits) if greedy is None else greedy).tolist()
         tokens = []
         for row, (seq_id, sampling) in enumerate(zip(seq_ids, params)):
-            if sampling.is_greedy:
+            if sampling.is_greedy or greedy[row] == NAN_LOGITS:  # NaN: torch.multinomial would raise
                 tokens.append(greedy[row])
                 continue
             probs = self._filtered_probabilities(logits[row], sampling)

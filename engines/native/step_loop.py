@@ -14,6 +14,10 @@ of sequence, a stop token, an abort), step n + 1's row for it is thrown away: it
 a position past the sequence's tokens, in a block the sequence held when the step was
 launched. Any later owner of that block writes it in a later step, and a freed block is
 shared through the prefix cache only for positions the sequence had computed.
+
+A sequence whose step answers sequence.NAN_LOGITS (its logits held a NaN) is aborted and
+reported with the finish reason NAN_FAILURE; the engine fails its request. The others in the
+batch go on: their rows of every kernel are their own.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engines.native.scheduler import Scheduler
-from engines.native.sequence import Sequence, SequenceStatus
+from engines.native.sequence import NAN_LOGITS, Sequence, SequenceStatus
 
 if TYPE_CHECKING:  # torch: imported by whoever builds the runner, not by serving without this engine
     from engines.native.model_runner import ModelRunner, PendingTokens
 
 StepResult = tuple[Sequence, int, str | None]  # sequence, its new token, finish reason (or None)
+NAN_FAILURE = "nan_logits"  # the finish reason of a sequence whose logits held a NaN (its token: NAN_LOGITS)
 
 
 class StepFailed(Exception):
@@ -94,6 +99,11 @@ class StepLoop:
 
     def _postprocess(self, seqs: list[Sequence], tokens: list[int]) -> list[StepResult]:
         live = [(seq, token) for seq, token in zip(seqs, tokens) if seq.status is SequenceStatus.RUNNING]
+        broken = [seq for seq, token in live if token == NAN_LOGITS]
+        for seq in broken:  # its blocks are freed; a step launched ahead for it is thrown away when read
+            self.scheduler.abort(seq.seq_id)
+        live = [(seq, token) for seq, token in live if token != NAN_LOGITS]
         reasons = self.scheduler.postprocess([seq for seq, _ in live], [token for _, token in live],
                                              self.eos_token_ids)
-        return [(seq, token, reason) for (seq, token), reason in zip(live, reasons)]
+        return ([(seq, token, reason) for (seq, token), reason in zip(live, reasons)]
+                + [(seq, NAN_LOGITS, NAN_FAILURE) for seq in broken])

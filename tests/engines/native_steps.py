@@ -15,6 +15,7 @@ def run_to_the_end(runner, prompts, params, run_ahead: bool, abort: tuple[str, i
     loop = StepLoop(scheduler, runner, frozenset({2}), run_ahead)
     seqs = {f"s{i}": Sequence(f"s{i}", list(ids), sampling) for i, (ids, sampling) in enumerate(zip(prompts, params))}
     for seq in seqs.values():
+        runner.sampler.forget(seq.seq_id)  # a seeded sequence starts from its seed, as in the engine
         scheduler.add(seq)
     outputs = {seq_id: ([], None) for seq_id in seqs}
     while not loop.is_idle:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import contextmanager
 
 import pytest
 
@@ -12,7 +13,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from app.default_model import default_model_path  # noqa: E402
-from engines.base import GenerationRequest, SamplingParams  # noqa: E402
+from engines.base import GenerationRequest, RequestFailed, SamplingParams  # noqa: E402
 from engines.native.engine import NativeEngine, NativeOptions  # noqa: E402
 from tests.engines.native_steps import run_to_the_end  # noqa: E402
 
@@ -142,3 +143,74 @@ def test_sampled_batches_run_step_by_step(engine, runner):
     prompts = [prompt_ids(engine, PROMPTS[0])]
     _, loop = run_to_the_end(runner, prompts, [SamplingParams(max_tokens=8, temperature=0.8, seed=1)], run_ahead=True)
     assert loop.steps_ahead == 0  # the host draws those tokens, so there is nothing to feed ahead
+
+
+# --- a NaN in the logits fails that request, not the batch ----------------------------------------
+
+@contextmanager
+def nan_embedding(model, token: int):
+    """The embedding row of `token` set to NaN, in a copy of the table (SmolLM2's LM head shares
+    it): a sequence that reads the token gets NaN logits from then on."""
+    original = model.embed_tokens.weight
+    poisoned = original.detach().clone()
+    poisoned[token] = float("nan")
+    model.embed_tokens.weight = torch.nn.Parameter(poisoned, requires_grad=False)
+    try:
+        yield
+    finally:
+        model.embed_tokens.weight = original
+
+
+def token_only_in(own: list[int], others: list[list[int]]) -> int:
+    seen = {token for ids in others for token in ids}
+    return next(token for token in own if token not in seen)
+
+
+@pytest.mark.parametrize("run_ahead", [False, True])
+def test_a_sequence_whose_decode_step_gives_nan_logits_is_failed_and_its_batch_goes_on(engine, runner, run_ahead):
+    from engines.native.sequence import NAN_LOGITS
+    from engines.native.step_loop import NAN_FAILURE
+
+    prompts = [prompt_ids(engine, messages) for messages in PROMPTS]
+    greedy = [SamplingParams(max_tokens=16, temperature=0.0)] * 3
+    expected, _ = run_to_the_end(runner, prompts, greedy, run_ahead=False)
+    # A token s1 generates that nothing else reads: its NaN row breaks s1's next decode step only.
+    others = prompts + [expected["s0"][0], expected["s2"][0], expected["s1"][0][:4]]
+    poisoned = token_only_in(expected["s1"][0][4:], others)
+    cut = expected["s1"][0].index(poisoned) + 1
+    with nan_embedding(runner.model, poisoned):
+        outputs, loop = run_to_the_end(runner, prompts, greedy, run_ahead=run_ahead)
+    assert outputs["s1"] == (expected["s1"][0][:cut] + [NAN_LOGITS], NAN_FAILURE)
+    assert outputs["s0"] == expected["s0"] and outputs["s2"] == expected["s2"]
+    assert (loop.steps_ahead > 0) == run_ahead  # and run_to_the_end found every KV block free
+
+
+def test_a_sampled_sequence_with_nan_logits_is_failed_alone(engine, runner):
+    """torch.multinomial raises on NaN probabilities: that used to fail the whole batch's requests."""
+    from engines.native.sequence import NAN_LOGITS
+    from engines.native.step_loop import NAN_FAILURE
+
+    prompts = [prompt_ids(engine, messages) for messages in PROMPTS]
+    sampled = [SamplingParams(max_tokens=8, temperature=0.8, seed=seed) for seed in (1, 2, 3)]
+    expected, _ = run_to_the_end(runner, prompts, sampled, run_ahead=False)
+    with nan_embedding(runner.model, token_only_in(prompts[2], prompts[:2])):  # s2's prefill breaks
+        outputs, _ = run_to_the_end(runner, prompts, sampled, run_ahead=False)
+    assert outputs["s2"] == ([NAN_LOGITS], NAN_FAILURE)
+    assert outputs["s0"] == expected["s0"] and outputs["s1"] == expected["s1"]
+
+
+def test_the_engine_fails_a_request_with_nan_logits_and_answers_the_next(engine):
+    # A prompt no other test sends: none of its blocks is in the prefix cache, so its prefill reads the NaN row.
+    ids = [prompt_ids(engine, PROMPTS[0]), prompt_ids(engine, [{"role": "user", "content": "Name three rivers."}])]
+    clean = asyncio.run(generate(engine, "nan-clean", ids[0], 8))
+
+    async def both():
+        return await asyncio.gather(generate(engine, "nan-broken", ids[1], 8), generate(engine, "nan-other", ids[0], 8),
+                                    return_exceptions=True)
+
+    with nan_embedding(engine._runner.model, token_only_in(ids[1], ids[:1])):
+        broken, other = asyncio.run(both())
+    assert isinstance(broken, RequestFailed) and "NaN" in str(broken)
+    assert other == clean
+    assert asyncio.run(generate(engine, "nan-after", ids[1], 8))  # the engine goes on serving
+    assert engine.kv_cache_usage() == 0.0

@@ -343,11 +343,12 @@ def test_embed_and_rotary_tables_give_torch_embedding_cos_and_sin(fed):
     assert torch.allclose(sin, angles.sin(), rtol=0, atol=1e-6)
 
 
-def test_argmax_rows_counts_nan_as_the_maximum_as_torch_does():
-    """A row holding NaN answers its first NaN's column (torch.argmax's answer), never a padding
-    column past the vocabulary: in a captured step launched ahead, that token id is the next
-    step's embedding index."""
+def test_argmax_rows_answers_torchs_first_maximum_and_nan_logits_for_a_row_with_a_nan():
+    """A row holding a NaN answers NAN_LOGITS, whichever chunk holds it (so that the request is
+    failed), never a padding column past the vocabulary; every other row torch.argmax's answer."""
     from engines.native.kernels import argmax_rows
+    from engines.native.sampler import greedy_tokens
+    from engines.native.sequence import NAN_LOGITS
 
     generator = torch.Generator(device="cuda").manual_seed(12)
     size = 128256  # 63 chunks of kernels.ARGMAX_CHUNK, the last one partly padding
@@ -360,18 +361,22 @@ def test_argmax_rows_counts_nan_as_the_maximum_as_torch_does():
     logits[5, 10], logits[5, 20] = float("inf"), float("nan")  # NaN beats +inf
     logits[6, 2047], logits[6, 2048] = float("inf"), float("inf")
     logits[7, 127000:] = float("nan")
-    expected = torch.tensor([70000, size - 1, 100, 0, 0, 20, 2047, 127000], device="cuda")
-    assert torch.equal(logits.argmax(-1), expected)
+    assert torch.equal(logits.argmax(-1), torch.tensor([70000, size - 1, 100, 0, 0, 20, 2047, 127000], device="cuda"))
+    nan = NAN_LOGITS
+    expected = torch.tensor([nan, nan, nan, nan, 0, nan, 2047, nan], device="cuda")
+    assert torch.equal(greedy_tokens(logits), expected)
     assert torch.equal(argmax_rows(logits), expected)
 
 
 @pytest.mark.timeout(180, method="thread")  # a step that never finishes fails the test instead of hanging it
 def test_a_captured_int4_step_with_nan_activations_finishes_and_the_next_step_is_right(monkeypatch):
     """A NaN in a decode step's activations (here from a poisoned embedding row) reaches every
-    INT4 kernel's split-K cells: the step must finish, answer torch's greedy token for whatever
-    logits it made (an in-vocabulary one), and leave the workspace right for the next step."""
+    INT4 kernel's split-K cells: the step must finish, answer greedy_tokens of whatever logits it
+    made (the cells clamp a NaN, so they may be finite), and leave the workspace right for the next step."""
     from engines.native.model import NAMED_SHAPES, LlamaConfig
     from engines.native.model_runner import ModelRunner, RunnerConfig
+    from engines.native.sampler import greedy_tokens
+    from engines.native.sequence import NAN_LOGITS
 
     # Llama-shaped, 128-input groups: the stream-K skinny kernel and its fixed-point cells
     monkeypatch.setitem(NAMED_SHAPES, "small-llama", LlamaConfig(32000, 2048, 5632, 4, 16, 4))
@@ -387,7 +392,7 @@ def test_a_captured_int4_step_with_nan_activations_finishes_and_the_next_step_is
     table[poisoned_token] = float("nan")
     logits, greedy, _ = runner._decode_with_graph([broken], None)
     torch.cuda.synchronize()  # returns: no program is left waiting on a cell
-    assert torch.equal(greedy, logits.argmax(-1)) and 0 <= greedy.item() < 32000
+    assert torch.equal(greedy, greedy_tokens(logits)) and (greedy.item() == NAN_LOGITS or 0 <= greedy.item() < 32000)
     table[poisoned_token] = row
     assert relative_error(runner._decode_with_graph([clean], None)[0], expected) < 2e-2
 
@@ -502,3 +507,38 @@ def test_decode_steps_launched_ahead_give_the_step_by_step_tokens(graphs, monkey
     ahead, loop = run_to_the_end(runner, prompts, params, run_ahead=True)
     assert ahead == expected
     assert loop.steps_ahead >= 25
+
+
+@pytest.mark.parametrize("graphs", ["captured", "eager"])
+def test_a_sequence_whose_logits_turn_nan_is_failed_while_its_batch_goes_on(graphs, monkeypatch):
+    """A NaN row of the embedding table, read by one sequence's decode step: that step answers
+    NAN_LOGITS for it (the argmax kernel), the step launched ahead of it reads row 0 for it and is
+    thrown away, the sequence is failed; the others get their tokens. Dense bf16 weights (a
+    NaN stays a NaN; INT4's fixed-point cells clamp it), an untied LM head (else the NaN row would
+    be every sequence's logit)."""
+    from engines.base import SamplingParams
+    from engines.native.model import NAMED_SHAPES, LlamaConfig
+    from engines.native.model_runner import ModelRunner, RunnerConfig
+    from engines.native.sequence import NAN_LOGITS
+    from engines.native.step_loop import NAN_FAILURE
+    from tests.engines.native_steps import run_to_the_end
+
+    monkeypatch.setitem(NAMED_SHAPES, "small-llama", LlamaConfig(32000, 1024, 2816, 2, 8, 4))
+    runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, 8192, cuda_graphs=graphs == "captured",
+                                      max_context_tokens=1024), shape="small-llama")
+    generator = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 32000, (n,), generator=generator).tolist() for n in (5, 30, 17)]
+    params = [SamplingParams(max_tokens=24, temperature=0.0)] * 3
+    expected, _ = run_to_the_end(runner, prompts, params, run_ahead=False)
+    read_elsewhere = {token for ids in prompts + [expected["s0"][0], expected["s2"][0], expected["s1"][0][:6]]
+                      for token in ids}
+    poisoned = next(token for token in expected["s1"][0][6:] if token not in read_elsewhere)
+    cut = expected["s1"][0].index(poisoned) + 1
+    table = runner.model.embed_tokens.weight
+    row = table[poisoned].clone()
+    table[poisoned] = float("nan")  # in place: a captured step reads the table where it was
+    outputs, loop = run_to_the_end(runner, prompts, params, run_ahead=True)
+    table[poisoned] = row
+    assert outputs["s1"] == (expected["s1"][0][:cut] + [NAN_LOGITS], NAN_FAILURE)
+    assert outputs["s0"] == expected["s0"] and outputs["s2"] == expected["s2"]
+    assert loop.steps_ahead > 0

@@ -53,6 +53,19 @@ def test_decode_ignores_what_lies_past_each_context():
     assert torch.allclose(before[0], after[0])
 
 
+def test_decode_is_not_reached_by_a_nan_in_another_sequences_block():
+    """Block tables are padded with block 0, which belongs to some other sequence: a NaN there
+    (that sequence's activations overflowed) must not reach this one as 0 x NaN."""
+    k_cache, v_cache, tables = random_cache(8, [5, 22])
+    q = torch.randn(2, 6, 8)
+    meta = AttentionMetadata(False, torch.zeros(0, dtype=torch.long), torch.tensor([5, 22]), tables, [])
+    before = batched_decode_attention(q, k_cache, v_cache, meta, 1.0)
+    assert tables[0, -1] == 0 and 0 not in tables[0, :2]  # sequence 0's table is padded with block 0
+    k_cache[0], v_cache[0] = float("nan"), float("nan")
+    after = batched_decode_attention(q, k_cache, v_cache, meta, 1.0)
+    assert torch.allclose(before[0], after[0])
+
+
 def test_llama3_rope_scaling_slows_only_low_frequencies():
     base = LlamaConfig(1000, 64, 128, 1, 4, 2, rope_theta=500000.0)
     scaled = LlamaConfig(1000, 64, 128, 1, 4, 2, rope_theta=500000.0, rope_scaling={

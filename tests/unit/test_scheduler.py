@@ -188,6 +188,18 @@ async def test_failed_engine_leaves_rotation_and_returns_when_healthy():
     assert await drain_handle(scheduler.submit(request("r3", max_tokens=2), MODEL))
 
 
+async def test_a_request_that_fails_alone_leaves_its_engine_in_rotation():
+    """RequestFailed (the native engine's NaN logits): that request gets the error, the engine is
+    healthy and takes the next request at once."""
+    engine = FakeEngine(faults=Faults(fail_after_tokens=2, only_the_request=True))
+    scheduler = scheduler_with(engine, health_check_interval_s=60)
+    with pytest.raises(EngineFailed) as failed:
+        await drain_handle(scheduler.submit(request("r1", max_tokens=5), MODEL))
+    assert failed.value.after_output and scheduler.slots()[0].in_rotation
+    engine.faults.fail_after_tokens = None
+    assert bytes(await drain_handle(scheduler.submit(request("r2", max_tokens=5), MODEL))).decode() == "Hello"
+
+
 async def test_requests_go_to_the_engine_with_least_outstanding_work():
     a, b = FakeEngine(token_delay_s=0.05), FakeEngine(token_delay_s=0.05)
     scheduler = scheduler_with(a, b)
