@@ -140,6 +140,14 @@ def _stamp(timeline_ptr, index, pid):
 
 
 @gluon.jit
+def _stamp_sm(timeline_ptr, pid):
+    """For benchmarks (TIMELINE): the SM the program runs on into timeline[pid, 5]."""
+    sm = gl.inline_asm_elementwise(asm="mov.u32 $0, %smid;", constraints="=r,r", args=[pid], dtype=gl.int32,
+                                   is_pure=False, pack=1)
+    gl.store(timeline_ptr + pid * 8 + 5, sm.to(gl.int64))
+
+
+@gluon.jit
 def _next_unit(tile, group, groups):
     """The (tile, group) after this one: the tile's next group, or the next tile's first."""
     end_of_tile = group == groups - 1
@@ -355,7 +363,7 @@ def int4_skinny_kernel(
     NORM_ROWS > 0: the input is RMSNorm(x) with weight `norm_ptr` (M <= NORM_ROWS).
     TIMELINE (benchmarks/int4_timeline.py): each program stamps int64 [programs, 8] `timeline_ptr`
     at its start (0), after the wait (1), with x staged (2), with its last unit summed (3) and at
-    its end (4)."""
+    its end (4), and the SM it runs on (5)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, 8])
     A: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)  # weights [BLOCK_N, 16 words]
@@ -364,6 +372,7 @@ def int4_skinny_kernel(
     pid = gl.program_id(0)
     if TIMELINE:
         _stamp(timeline_ptr, 0, pid)
+        _stamp_sm(timeline_ptr, pid)
     first = pid * units // programs
     last = (pid + 1) * units // programs - 1
     first_group = first % groups
