@@ -117,8 +117,11 @@ def _embed_and_rotary_kernel(ids_ptr, flags_ptr, fed_ptr, positions_ptr, inv_fre
     wait_for_previous_kernel(DEPENDENT)
     row = tl.program_id(0)
     token = tl.load(ids_ptr + row)
-    if FED:  # a fed NAN_LOGITS (-1) reads row 0, not the memory before the table (its step is thrown away)
-        token = tl.where(tl.load(flags_ptr + row) != 0, tl.maximum(tl.load(fed_ptr + row), 0), token)
+    if FED:
+        token = tl.where(tl.load(flags_ptr + row) != 0, tl.load(fed_ptr + row), token)
+    # A NAN_LOGITS (-1) fed back from the step before reads row 0, not the memory before the table
+    # (that sequence's row of this step is thrown away).
+    token = tl.maximum(token, 0)
     for start in range(0, hidden, BLOCK_H):
         columns = start + tl.arange(0, BLOCK_H)
         mask = columns < hidden

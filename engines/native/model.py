@@ -267,10 +267,10 @@ class LlamaForCausalLM(nn.Module):
             x, cos, sin = embed_and_rotary_tables(self.embed_tokens.weight, input_ids, positions, self.inv_freq, fed)
         else:
             if fed is not None:
-                input_ids = torch.where(fed[0].bool(), fed[1].clamp_min(0), input_ids)  # NAN_LOGITS: row 0
+                input_ids = torch.where(fed[0].bool(), fed[1], input_ids)
             angles = positions.float()[:, None] * self.inv_freq[None, :]  # [tokens, head_dim/2]
             cos, sin = angles.cos(), angles.sin()
-            x = self.embed_tokens(input_ids)
+            x = self.embed_tokens(input_ids.clamp_min(0))  # a fed-back NAN_LOGITS (-1) reads row 0, as on the GPU
         for layer in self.layers:
             x = layer(x, cos, sin, meta)
         x = self.norm(x if last_token_index is None else x[last_token_index])

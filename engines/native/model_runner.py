@@ -258,8 +258,7 @@ class ModelRunner:
             query_start_tensor=torch.tensor(query_start, **as_long) if is_prefill else None,
             max_query_len=max(end - start for start, end in zip(query_start, query_start[1:])),
         )
-        # A fed NAN_LOGITS (-1) reads embedding row 0: that sequence's row of this step is thrown away.
-        token_ids = ahead.to(torch.long).clamp_min(0) if step_ahead else torch.tensor(input_ids, **as_long)
+        token_ids = ahead.to(torch.long) if step_ahead else torch.tensor(input_ids, **as_long)  # NAN_LOGITS: model.py
         return self.model(token_ids, torch.tensor(positions, **as_long), meta, torch.tensor(last_index, **as_long))
 
 

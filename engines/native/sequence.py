@@ -10,7 +10,7 @@ from engines.base import SamplingParams
 # The token a step answers for a sequence whose logits hold a NaN (broken weights or an overflow):
 # no token can be chosen from them, so the step loop fails that sequence's request instead of
 # streaming whatever argmax happens to pick. Fed back into a step launched ahead, it reads as
-# token 0 (the embedding kernel clamps it), and that step's row is thrown away.
+# token 0 (the model's embedding clamps ids at 0), and that step's row is thrown away.
 NAN_LOGITS = -1
 
 
