@@ -23,7 +23,8 @@ the registers where `mma.sync` wants its first operand, so unpacking happens in 
   groups, so that no fence, counter or read-back ends a program (see FIXED_BITS);
 - the next unit's words, scales and zero points are loaded while the tensor cores work on
   this one (two or three units ahead, and a cp.async ring in shared memory in session 5,
-  measured slower).
+  measured slower): the first unit's before the dependent-launch wait, the second's while the
+  prologue stages x.
 """
 
 from __future__ import annotations
@@ -348,6 +349,42 @@ def _finish_tile_fixed(acc, up, inverse_rms, tile, done, out_ptr, residual_ptr, 
 
 
 @gluon.jit
+def _sum_unit(current, unit, last, tile, group, acc, up, done, slot, staged, sums, inverse_rms, out_ptr, residual_ptr,
+              workspace_ptr, counters_ptr, rows_m, mask_m, local_c, N, groups, stride_om, stride_rm, pid, timeline_ptr,
+              BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, GATED: gl.constexpr, ADD_RESIDUAL: gl.constexpr,
+              FIXED: gl.constexpr, TIMELINE: gl.constexpr, MMA: gl.constexpr, B: gl.constexpr):
+    """One stream-K unit (tile, group) of the program: its products with x staged in `slot`
+    added to the tile's sums, and the tile finished where the program's share of it ends.
+    -> the next unit's (tile, group) and the carried state."""
+    next_tile, next_group = _next_unit(tile, group, groups)
+    x = ()
+    for j in gl.static_range(8):
+        x = x + (staged.index(slot * 8 + j).permute((1, 0)).load(B),)
+    x_sum = sums.index(slot).load(gl.SliceLayout(0, MMA))
+    acc += _unit_product(current[0], current[1], current[2], x, x_sum, MMA)
+    if GATED:
+        up += _unit_product(current[3], current[4], current[5], x, x_sum, MMA)
+    done += 1
+    slot = gl.where(slot + 1 == groups, 0, slot + 1)  # past the last group, the program wraps to the first
+    if (next_tile != tile) | (unit == last):  # the end of this program's share of the tile
+        if TIMELINE:
+            if unit == last:
+                _stamp(timeline_ptr, 3, pid)
+        if FIXED:
+            _finish_tile_fixed(acc, up, inverse_rms, tile, done, out_ptr, residual_ptr, workspace_ptr, rows_m,
+                               mask_m, local_c, N, groups, stride_om, stride_rm, BLOCK_N, BLOCK_M, GATED,
+                               ADD_RESIDUAL)
+        else:
+            _finish_tile(acc, up, inverse_rms, tile, done, out_ptr, residual_ptr, workspace_ptr, counters_ptr,
+                         rows_m, mask_m, local_c, N, groups, stride_om, stride_rm, BLOCK_N, BLOCK_M, GATED,
+                         ADD_RESIDUAL, MMA)
+        acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
+        up = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
+        done = 0
+    return next_tile, next_group, acc, up, done, slot
+
+
+@gluon.jit
 def int4_skinny_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, residual_ptr, workspace_ptr, counters_ptr, norm_ptr,
     M, N, K, groups, units, up_offset, eps,  # N: outputs; gated: the up rows start at `up_offset`
@@ -402,6 +439,14 @@ def int4_skinny_kernel(
     SUMS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     sums = gl.allocate_shared_memory(gl.float32, [SLOTS, BLOCK_M], SUMS)
     _stage_inputs(x_ptr, norm_ptr, stride_xm, M, first_group, groups, staged, sums, SLOTS, BLOCK_M, NORM_ROWS > 0)
+    # The second unit's loads go out now, so that the weights stream through the rest of the
+    # prologue (the norm's rows, the barrier) instead of only from the loop's first step; after the
+    # wait, so that they take no bandwidth from the kernel before (session 9); after x's loads, so
+    # that its registers are free (issued before x's, they cost spills and were no faster). Session
+    # 17, Llama-3-8B INT4 batch-1 step: 2,463 -> 2,422 us.
+    next_tile, next_group = _next_unit(tile, group, groups)
+    fetched = _unit_loads(q_ptr, s_ptr, z_ptr, word_offsets, scale_offsets, next_tile, next_group, first < last,
+                          local_a, local_c, N, up_offset, stride_q, stride_s, stride_sg, BLOCK_N, GATED)
     inverse_rms = gl.full((BLOCK_M,), 1.0, gl.float32, gl.SliceLayout(0, MMA))
     if NORM_ROWS > 0:
         inverse_rms = _inverse_rms(x_ptr, stride_xm, M, K, eps, rows_m, NORM_ROWS, NORM_BLOCK)
@@ -415,35 +460,21 @@ def int4_skinny_kernel(
     up = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
     done = 0  # groups of the current tile summed in acc
     slot = 0
-    for unit in range(first, last + 1):
+    # The first unit apart (every program has one, and the second's loads are already out), then
+    # each step fetches the next unit's while the tensor cores work on this one.
+    tile, group, acc, up, done, slot = _sum_unit(
+        current, first, last, tile, group, acc, up, done, slot, staged, sums, inverse_rms, out_ptr, residual_ptr,
+        workspace_ptr, counters_ptr, rows_m, mask_m, local_c, N, groups, stride_om, stride_rm, pid, timeline_ptr,
+        BLOCK_N, BLOCK_M, GATED, ADD_RESIDUAL, FIXED, TIMELINE, MMA, B)
+    current = fetched
+    for unit in range(first + 1, last + 1):
         next_tile, next_group = _next_unit(tile, group, groups)
         fetched = _unit_loads(q_ptr, s_ptr, z_ptr, word_offsets, scale_offsets, next_tile, next_group, unit < last,
                               local_a, local_c, N, up_offset, stride_q, stride_s, stride_sg, BLOCK_N, GATED)
-        x = ()
-        for j in gl.static_range(8):
-            x = x + (staged.index(slot * 8 + j).permute((1, 0)).load(B),)
-        x_sum = sums.index(slot).load(gl.SliceLayout(0, MMA))
-        acc += _unit_product(current[0], current[1], current[2], x, x_sum, MMA)
-        if GATED:
-            up += _unit_product(current[3], current[4], current[5], x, x_sum, MMA)
+        tile, group, acc, up, done, slot = _sum_unit(
+            current, unit, last, tile, group, acc, up, done, slot, staged, sums, inverse_rms, out_ptr, residual_ptr,
+            workspace_ptr, counters_ptr, rows_m, mask_m, local_c, N, groups, stride_om, stride_rm, pid, timeline_ptr,
+            BLOCK_N, BLOCK_M, GATED, ADD_RESIDUAL, FIXED, TIMELINE, MMA, B)
         current = fetched
-        done += 1
-        slot = gl.where(slot + 1 == groups, 0, slot + 1)  # past the last group, the program wraps to the first
-        if (next_tile != tile) | (unit == last):  # the end of this program's share of the tile
-            if TIMELINE:
-                if unit == last:
-                    _stamp(timeline_ptr, 3, pid)
-            if FIXED:
-                _finish_tile_fixed(acc, up, inverse_rms, tile, done, out_ptr, residual_ptr, workspace_ptr, rows_m,
-                                   mask_m, local_c, N, groups, stride_om, stride_rm, BLOCK_N, BLOCK_M, GATED,
-                                   ADD_RESIDUAL)
-            else:
-                _finish_tile(acc, up, inverse_rms, tile, done, out_ptr, residual_ptr, workspace_ptr, counters_ptr,
-                             rows_m, mask_m, local_c, N, groups, stride_om, stride_rm, BLOCK_N, BLOCK_M, GATED,
-                             ADD_RESIDUAL, MMA)
-            acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
-            up = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
-            done = 0
-        tile, group = next_tile, next_group
     if TIMELINE:
         _stamp(timeline_ptr, 4, pid)
