@@ -328,10 +328,12 @@ class DotConfig:  # tensor cores; one program per (BLOCK_M rows, BLOCK_N outputs
 # - up to 16 rows, tensor cores: 83 us at 1 row (the CUDA-core GEMV: 99 us), 90 us at 16 (the first
 #   tensor-core kernel: 360 us); 256-row weight tiles for the widest layers, NARROW_CONFIG below for the rest;
 # - up to 64 rows: 128-row tiles, 212 us (was 405 us);
-# - groups of 64 (SmolLM2's K = 576): the GEMV up to 4 rows (the tensor-core kernel gave wrong
-#   sums with 8-word groups on the H100, so it refuses them);
+# - groups of 64 (SmolLM2's K = 576): the GEMV up to 8 rows (the tensor-core kernel gave wrong
+#   sums with 8-word groups on the H100, so it refuses them). Session 17, SmolLM2 INT4 decode at 8
+#   concurrent: 7,918 tok/s against 7,397 with the GEMV up to 4 rows (bf16 7,954); at 16 rows the GEMV,
+#   one program a row, is slower than cuBLAS on the dequantized weights (10,515 against 14,549);
 # - beyond: dequantize into bf16 and let cuBLAS multiply (compute-bound there, the extra pass costs little).
-GEMV_MAX_ROWS = 4
+GEMV_MAX_ROWS = 8
 GEMV_CONFIG = GemvConfig(8, 1024, 4, 3)
 DOT_CONFIGS = {16: DotConfig(16, 256, 264, 4, 3), 64: DotConfig(64, 128, 264, 4, 3),
                128: DotConfig(64, 128, 264, 8, 4)}

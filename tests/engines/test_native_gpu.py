@@ -150,7 +150,7 @@ def test_fused_rms_norm_and_silu_match_torch():
 INT4_SHAPES = [(4096, 4096), (6144, 4096), (4096, 14336), (576, 576), (1536, 576), (576, 1536)]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16, 33, 64, 200])
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 33, 64, 200])
 @pytest.mark.parametrize("n, k", INT4_SHAPES)
 def test_int4_matmul_matches_dequantize_then_matmul(rows, n, k):
     from engines.native.int4_kernels import int4_matmul
