@@ -545,7 +545,7 @@ def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight:
     tiles = triton.cdiv(n, config.block_n)
     groups = k // weight.group_size
     block_m = skinny_block_m(m)
-    programs = min(config.programs * config.waves, tiles * groups)
+    programs = min(config.programs * config.waves, tiles * groups)  # every program has a unit (the kernel relies on it)
     slots = staged_groups(tiles * groups, programs, groups, block_m)
     tile_size = config.block_n * block_m * (2 if gated else 1)
     fixed = m <= (FIXED_GATED_ROWS if gated else FIXED_ROWS)  # split-K in int64 fixed point (int4_skinny.FIXED_BITS)

@@ -460,8 +460,9 @@ def int4_skinny_kernel(
     up = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
     done = 0  # groups of the current tile summed in acc
     slot = 0
-    # The first unit apart (every program has one, and the second's loads are already out), then
-    # each step fetches the next unit's while the tensor cores work on this one.
+    # The first unit apart (every program has one: the launcher starts no more programs than units;
+    # the second's loads are already out), then each step fetches the next unit's while the tensor
+    # cores work on this one.
     tile, group, acc, up, done, slot = _sum_unit(
         current, first, last, tile, group, acc, up, done, slot, staged, sums, inverse_rms, out_ptr, residual_ptr,
         workspace_ptr, counters_ptr, rows_m, mask_m, local_c, N, groups, stride_om, stride_rm, pid, timeline_ptr,
