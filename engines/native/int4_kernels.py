@@ -1,7 +1,7 @@
 """W4A16 matmul in Triton: bf16/fp16 activations times lowbit's INT4 weights (see quantization.py).
 
 Five paths, by the number of input rows M and the group size (`kernel_config`):
-- groups of 64 (SmolLM2's K = 576), M <= 4: a GEMV on CUDA cores that streams the packed words
+- groups of 64 (SmolLM2's K = 576), M <= GEMV_MAX_ROWS (8): a GEMV on CUDA cores that streams the packed words
   with many programs in flight;
 - groups of 128, M <= 8, bf16: the skinny kernel in int4_skinny.py (Gluon, mma.sync with the
   words loaded into its operand registers);

@@ -115,7 +115,7 @@ class ModelRunner:
         """On CUDA, before the first request: compile the kernels a request can need and capture
         the decode graphs for up to `max_batch` sequences, so that no request pays for them (the
         first chat through HTTP took 12.6 s on an H100 without this). The prefills cover every
-        INT4 kernel choice by row count (up to 4, 8, 16, 64, 128 rows and beyond), each with a row
+        INT4 kernel choice by row count (up to 2, 8, 16, 64, 128 rows and beyond), each with a row
         count that is a multiple of 16 and one that is not (Triton compiles a kernel again for
         each); their K/V go to the scratch block, which no sequence owns. Returns the batch sizes
         captured."""
