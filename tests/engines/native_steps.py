@@ -1,4 +1,5 @@
-"""Generating to the end through the native engine's StepLoop, for the CPU and GPU tests."""
+"""Generating to the end through the native engine's StepLoop, and picking a token to poison, for the CPU
+and GPU tests."""
 
 from __future__ import annotations
 
@@ -27,3 +28,10 @@ def run_to_the_end(runner, prompts, params, run_ahead: bool, abort: tuple[str, i
                 scheduler.abort(seq.seq_id)
     assert scheduler.block_manager.num_free_blocks == runner.num_blocks  # nothing leaked
     return outputs, loop
+
+
+def token_only_in(own: list[int], others: list[list[int]]) -> int:
+    """The first token of `own` that none of `others` holds: a NaN in its embedding row reaches only
+    the sequence that reads it."""
+    seen = {token for ids in others for token in ids}
+    return next(token for token in own if token not in seen)

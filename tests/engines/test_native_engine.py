@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from app.default_model import default_model_path  # noqa: E402
 from engines.base import GenerationRequest, RequestFailed, SamplingParams  # noqa: E402
 from engines.native.engine import NativeEngine, NativeOptions  # noqa: E402
-from tests.engines.native_steps import run_to_the_end  # noqa: E402
+from tests.engines.native_steps import run_to_the_end, token_only_in  # noqa: E402
 
 PROMPTS = [
     [{"role": "user", "content": "Write a short story about a fox who finds a key."}],
@@ -159,11 +159,6 @@ def nan_embedding(model, token: int):
         yield
     finally:
         model.embed_tokens.weight = original
-
-
-def token_only_in(own: list[int], others: list[list[int]]) -> int:
-    seen = {token for ids in others for token in ids}
-    return next(token for token in own if token not in seen)
 
 
 @pytest.mark.parametrize("run_ahead", [False, True])

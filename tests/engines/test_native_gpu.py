@@ -521,7 +521,7 @@ def test_a_sequence_whose_logits_turn_nan_is_failed_while_its_batch_goes_on(grap
     from engines.native.model_runner import ModelRunner, RunnerConfig
     from engines.native.sequence import NAN_LOGITS
     from engines.native.step_loop import NAN_FAILURE
-    from tests.engines.native_steps import run_to_the_end
+    from tests.engines.native_steps import run_to_the_end, token_only_in
 
     monkeypatch.setitem(NAMED_SHAPES, "small-llama", LlamaConfig(32000, 1024, 2816, 2, 8, 4))
     runner = ModelRunner(RunnerConfig("cuda", "bfloat16", 16, 8192, cuda_graphs=graphs == "captured",
@@ -530,9 +530,8 @@ def test_a_sequence_whose_logits_turn_nan_is_failed_while_its_batch_goes_on(grap
     prompts = [torch.randint(3, 32000, (n,), generator=generator).tolist() for n in (5, 30, 17)]
     params = [SamplingParams(max_tokens=24, temperature=0.0)] * 3
     expected, _ = run_to_the_end(runner, prompts, params, run_ahead=False)
-    read_elsewhere = {token for ids in prompts + [expected["s0"][0], expected["s2"][0], expected["s1"][0][:6]]
-                      for token in ids}
-    poisoned = next(token for token in expected["s1"][0][6:] if token not in read_elsewhere)
+    others = prompts + [expected["s0"][0], expected["s2"][0], expected["s1"][0][:6]]
+    poisoned = token_only_in(expected["s1"][0][6:], others)  # read by s1's later steps alone
     cut = expected["s1"][0].index(poisoned) + 1
     table = runner.model.embed_tokens.weight
     row = table[poisoned].clone()
