@@ -9,7 +9,8 @@ blocks in order, so token position p lives in block table[p // block_size], slot
   into their cache slot, and attends over the sequence's own blocks up to its context length
   (so a block table padded for CUDA graphs costs nothing), 256 keys a step at small batches so
   that few steps run one after another. Under dependent launch the first keys' cache lines are
-  brought into L2 while the qkv matmul finishes. When those programs are too few to fill the
+  brought into L2 while the qkv matmul finishes, and at small batches o_proj launches as this
+  kernel starts, to load its first weights beside it. When those programs are too few to fill the
   SMs (small batches), a long context is cut into chunks, one program each, merged by the last
   to finish (flash-decoding; Llama-3-8B at batch 1 and 8,192 tokens: 24 us against 100).
 - paged_prefill_attention: variable-length prompts in one launch, flash-attention style: one
@@ -22,8 +23,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from engines.native.carveout import share_decode_configuration
 from engines.native.kernels import SplitBuffers, dependent_launch, sm_count, wait_for_previous_kernel
 
 
@@ -88,6 +90,7 @@ def _rope_cache_and_decode_kernel(
     stride_table_seq,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLITS: tl.constexpr, DEPENDENT: tl.constexpr,
+    LAUNCH_NEXT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -123,12 +126,14 @@ def _rope_cache_and_decode_kernel(
     sin = tl.load(sin_ptr + seq * stride_angle + dims % HALF)
     sin = tl.where(dims < HALF, -sin, sin)
     slot = tl.load(slot_ptr + seq)
-    # Dependent launch (kernels.py), except that the kernel after this one (o_proj) launches
-    # only as this one ends. Launched early, o_proj's programs do not all fit beside this
-    # kernel's, and the late ones hold back every matmul after them in the layer (each is one
-    # wave of equal shares): Llama-3-8B INT4 at batch 1 took 3,350 us a step that way against
-    # 2,666 (session 7), 3,335 against 2,581 (session 9). With o_proj's grid sized to fit beside
-    # this kernel it measured 2,569 (session 9): not worth a grid that must track this one's.
+    # Dependent launch (kernels.py). LAUNCH_NEXT: the kernel after this one (o_proj) launches now,
+    # so that its programs load their first weights while this one works; otherwise as it ends.
+    # That pays only with this kernel in the decode kernels' shared-memory configuration
+    # (carveout.py): Llama-3-8B INT4 batch-1 step 2,412 -> 2,380 us (session 19). In Triton's
+    # (228 KB, 28 KB of L1), o_proj and the matmuls after it ran on those SMs with that little L1:
+    # 2,929 against 2,418 us (3,335 against 2,581 in session 9).
+    if LAUNCH_NEXT:
+        gdc_launch_dependents()
     if DEPENDENT:
         gdc_wait()
 
@@ -217,6 +222,12 @@ def decode_tile(programs: int, head_dim: int, device: torch.device) -> tuple[int
 
 MAX_SPLITS = 16
 
+# Up to this many sequences the kernel lets o_proj launch as it starts (LAUNCH_NEXT): o_proj is then
+# the INT4 skinny kernel or GEMV (int4_kernels.SKINNY_ROWS, GEMV_MAX_ROWS), which run in this kernel's
+# shared-memory configuration (carveout.py), or cuBLAS, which does not launch early. Beyond, the
+# INT4 wgmma kernel's configuration differs and early launch was not measured.
+LAUNCH_NEXT_MAX_SEQS = 8
+
 
 def context_splits(programs: int, device: torch.device) -> int:
     """Chunks a long context is cut into for `programs` (sequences x KV heads): enough programs
@@ -250,14 +261,14 @@ def rope_cache_and_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: t
         workspace, counters = _merge_buffers.get(qkv.device, seqs * kv_heads * splits * group_pad * (head_dim + 2),
                                                  seqs * kv_heads)
     dependent = dependent_launch(qkv.device)
-    _rope_cache_and_decode_kernel[(seqs, kv_heads, splits)](
+    share_decode_configuration(_rope_cache_and_decode_kernel[(seqs, kv_heads, splits)](
         qkv, cos, sin, slot_mapping, k_cache, v_cache, out, block_tables, context_lens, scale, workspace, counters,
         qkv.stride(0), cos.stride(0), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=kv_heads, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         TILE=keys, SPLITS=splits, num_warps=num_warps, num_stages=num_stages, DEPENDENT=dependent,
-        launch_pdl=dependent,
-    )
+        LAUNCH_NEXT=dependent and seqs <= LAUNCH_NEXT_MAX_SEQS, launch_pdl=dependent,
+    ))
     return out
 
 

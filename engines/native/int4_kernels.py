@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engines.native.carveout import share_decode_configuration
 from engines.native.int4_skinny import MAX_ROWS as SKINNY_MAX_ROWS
 from engines.native.int4_skinny import UNPACK_ASM, SkinnyConfig, fuses_norm, int4_skinny_kernel, staged_groups
 from engines.native.int4_skinny import block_m as skinny_block_m
@@ -504,9 +505,9 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
                   launch_pdl=dependent)
     if isinstance(config, GemvConfig):
         block_k = min(config.block_k, triton.next_power_of_2(k))
-        _int4_gemv_kernel[(m, triton.cdiv(n, config.block_n))](
+        share_decode_configuration(_int4_gemv_kernel[(m, triton.cdiv(n, config.block_n))](
             *tensors, norm[0] if norm else x, n, k, n, *strides, norm[1] if norm else 0.0, BLOCK_N=config.block_n,
-            BLOCK_K=block_k, NORM=norm is not None, **common)
+            BLOCK_K=block_k, NORM=norm is not None, **common))
         return out
     grid_n, grid_m, split = grid
     _int4_mma_kernel[(grid_n, split, grid_m)](
@@ -553,7 +554,7 @@ def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight:
     if fixed:
         workspace = workspace[:workspace.numel() // 2 * 2].view(torch.int64)
     dependent = dependent_launch(tensors[0].device)
-    int4_skinny_kernel[(programs,)](
+    share_decode_configuration(int4_skinny_kernel[(programs,)](
         *tensors, workspace, counters, norm[0] if norm else tensors[0], m, n, k, groups, tiles * groups, n,
         norm[1] if norm else 0.0, *strides, BLOCK_N=config.block_n, BLOCK_M=block_m, SLOTS=slots,
         GATED=gated, ADD_RESIDUAL=add_residual, NORM_ROWS=m if norm else 0,
@@ -561,7 +562,7 @@ def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight:
         num_warps=config.num_warps, TIMELINE=timelines is not None,
         timeline_ptr=timelines.next_slice(programs) if timelines is not None else None,
         maxnreg=_register_cap(min(programs, config.programs), config.num_warps, tensors[0].device),
-        launch_pdl=dependent)
+        launch_pdl=dependent))
 
 
 def _register_cap(programs: int, num_warps: int, device: torch.device) -> int:

@@ -11,7 +11,9 @@ write or read: activations, the KV cache, workspaces, its own output. What comes
 wait is launch, setup and reads of what no kernel of the step writes: in the INT4 kernels the
 first loads of their own weights, in decode attention the step's metadata and the keys
 earlier steps cached. A kernel lets the next one launch right after its wait; the next one then
-starts on the SMs this one leaves, while its last programs finish.
+starts on the SMs this one leaves, while its last programs finish. Decode attention lets o_proj
+launch before its wait, at up to 8 sequences, since both run in one shared-memory configuration
+(carveout.py).
 """
 
 from __future__ import annotations

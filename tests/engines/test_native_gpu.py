@@ -147,6 +147,26 @@ def test_fused_rms_norm_and_silu_match_torch():
     assert relative_error(kernels.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up) < 1e-2
 
 
+def test_a_decode_kernel_is_asked_to_run_in_the_decode_shared_memory_configuration():
+    import ctypes
+
+    from engines.native import carveout, kernels
+
+    x = torch.randn(3, 4096, device="cuda").bfloat16()
+    weight = torch.ones(4096, device="cuda").bfloat16()
+    out = torch.empty_like(x)
+    launched = kernels._rms_norm_kernel[(3,)](x, weight, out, x.stride(0), 4096, 1e-5, BLOCK=4096, num_warps=8,
+                                              DEPENDENT=False)
+    carveout.share_decode_configuration(launched)
+    carveout.share_decode_configuration(launched)  # once per kernel: a second call changes nothing
+    preferred = ctypes.c_int()
+    assert carveout._driver().cuFuncGetAttribute(ctypes.byref(preferred), 9, ctypes.c_void_p(launched.function)) == 0
+    max_shared = carveout._max_shared_per_sm(torch.cuda.current_device())
+    assert max_shared >= 100 * 1024  # an SM's shared memory, from the driver (228 KB on an H100)
+    assert preferred.value == carveout.carveout_percent(0, max_shared)  # a small kernel: the decode configuration
+    assert preferred.value * max_shared / 100 <= carveout.DECODE_SHARED_BYTES
+
+
 INT4_SHAPES = [(4096, 4096), (6144, 4096), (4096, 14336), (576, 576), (1536, 576), (576, 1536)]
 
 

@@ -47,8 +47,8 @@ def test_scheduler_imports_nothing_from_fastapi():
 
 
 # Modules private to one engine, imported only once that engine is chosen and started.
-NATIVE_PRIVATE = ("model", "model_runner", "sampler", "kernels", "attention_kernels", "int4_kernels", "int4_skinny",
-                  "int4_wgmma", "linear", "quantization")
+NATIVE_PRIVATE = ("model", "model_runner", "sampler", "kernels", "carveout", "attention_kernels", "int4_kernels",
+                  "int4_skinny", "int4_wgmma", "linear", "quantization")
 ENGINE_PRIVATE = {ROOT / "engines" / "native" / f"{name}.py" for name in NATIVE_PRIVATE}
 
 
