@@ -40,7 +40,7 @@ RESERVED_PER_PROGRAM = 1024  # shared memory the driver keeps for each resident 
 _PREFERRED_CARVEOUT = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
 _MAX_SHARED_PER_SM = 81  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
 
-_configured: dict[int, int] = {}  # function handle -> the carveout (percent) set
+_configured: set[int] = set()  # handles of the kernels already asked
 
 
 @functools.cache
@@ -87,4 +87,4 @@ def share_decode_configuration(kernel) -> None:
                                _max_shared_per_sm(torch.cuda.current_device()))
     _check(_driver().cuFuncSetAttribute(ctypes.c_void_p(function), _PREFERRED_CARVEOUT, percent),
            "cuFuncSetAttribute")
-    _configured[function] = percent
+    _configured.add(function)

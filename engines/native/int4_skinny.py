@@ -349,14 +349,14 @@ def _finish_tile_fixed(acc, up, inverse_rms, tile, done, out_ptr, residual_ptr, 
 
 
 @gluon.jit
-def _sum_unit(current, unit, last, tile, group, acc, up, done, slot, staged, sums, inverse_rms, out_ptr, residual_ptr,
-              workspace_ptr, counters_ptr, rows_m, mask_m, local_c, N, groups, stride_om, stride_rm, pid, timeline_ptr,
-              BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, GATED: gl.constexpr, ADD_RESIDUAL: gl.constexpr,
-              FIXED: gl.constexpr, TIMELINE: gl.constexpr, MMA: gl.constexpr, B: gl.constexpr):
-    """One stream-K unit (tile, group) of the program: its products with x staged in `slot`
-    added to the tile's sums, and the tile finished where the program's share of it ends.
-    -> the next unit's (tile, group) and the carried state."""
-    next_tile, next_group = _next_unit(tile, group, groups)
+def _sum_unit(current, unit, last, tile, next_tile, acc, up, done, slot, staged, sums, inverse_rms, out_ptr,
+              residual_ptr, workspace_ptr, counters_ptr, rows_m, mask_m, local_c, N, groups, stride_om, stride_rm, pid,
+              timeline_ptr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, GATED: gl.constexpr,
+              ADD_RESIDUAL: gl.constexpr, FIXED: gl.constexpr, TIMELINE: gl.constexpr, MMA: gl.constexpr,
+              B: gl.constexpr):
+    """One stream-K unit of the program, in `tile` (the next one's in `next_tile`): its products with
+    x staged in `slot` added to the tile's sums, and the tile finished where the program's share of
+    it ends. -> the carried state."""
     x = ()
     for j in gl.static_range(8):
         x = x + (staged.index(slot * 8 + j).permute((1, 0)).load(B),)
@@ -381,7 +381,7 @@ def _sum_unit(current, unit, last, tile, group, acc, up, done, slot, staged, sum
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
         up = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, MMA)
         done = 0
-    return next_tile, next_group, acc, up, done, slot
+    return acc, up, done, slot
 
 
 @gluon.jit
@@ -463,19 +463,21 @@ def int4_skinny_kernel(
     # The first unit apart (every program has one: the launcher starts no more programs than units;
     # the second's loads are already out), then each step fetches the next unit's while the tensor
     # cores work on this one.
-    tile, group, acc, up, done, slot = _sum_unit(
-        current, first, last, tile, group, acc, up, done, slot, staged, sums, inverse_rms, out_ptr, residual_ptr,
+    acc, up, done, slot = _sum_unit(
+        current, first, last, tile, next_tile, acc, up, done, slot, staged, sums, inverse_rms, out_ptr, residual_ptr,
         workspace_ptr, counters_ptr, rows_m, mask_m, local_c, N, groups, stride_om, stride_rm, pid, timeline_ptr,
         BLOCK_N, BLOCK_M, GATED, ADD_RESIDUAL, FIXED, TIMELINE, MMA, B)
     current = fetched
+    tile, group = next_tile, next_group
     for unit in range(first + 1, last + 1):
         next_tile, next_group = _next_unit(tile, group, groups)
         fetched = _unit_loads(q_ptr, s_ptr, z_ptr, word_offsets, scale_offsets, next_tile, next_group, unit < last,
                               local_a, local_c, N, up_offset, stride_q, stride_s, stride_sg, BLOCK_N, GATED)
-        tile, group, acc, up, done, slot = _sum_unit(
-            current, unit, last, tile, group, acc, up, done, slot, staged, sums, inverse_rms, out_ptr, residual_ptr,
-            workspace_ptr, counters_ptr, rows_m, mask_m, local_c, N, groups, stride_om, stride_rm, pid, timeline_ptr,
-            BLOCK_N, BLOCK_M, GATED, ADD_RESIDUAL, FIXED, TIMELINE, MMA, B)
+        acc, up, done, slot = _sum_unit(
+            current, unit, last, tile, next_tile, acc, up, done, slot, staged, sums, inverse_rms, out_ptr,
+            residual_ptr, workspace_ptr, counters_ptr, rows_m, mask_m, local_c, N, groups, stride_om, stride_rm, pid,
+            timeline_ptr, BLOCK_N, BLOCK_M, GATED, ADD_RESIDUAL, FIXED, TIMELINE, MMA, B)
         current = fetched
+        tile, group = next_tile, next_group
     if TIMELINE:
         _stamp(timeline_ptr, 4, pid)

@@ -160,7 +160,8 @@ def test_a_decode_kernel_is_asked_to_run_in_the_decode_shared_memory_configurati
     carveout.share_decode_configuration(launched)
     carveout.share_decode_configuration(launched)  # once per kernel: a second call changes nothing
     preferred = ctypes.c_int()
-    assert carveout._driver().cuFuncGetAttribute(ctypes.byref(preferred), 9, ctypes.c_void_p(launched.function)) == 0
+    assert carveout._driver().cuFuncGetAttribute(ctypes.byref(preferred), carveout._PREFERRED_CARVEOUT,
+                                                 ctypes.c_void_p(launched.function)) == 0
     max_shared = carveout._max_shared_per_sm(torch.cuda.current_device())
     assert max_shared >= 100 * 1024  # an SM's shared memory, from the driver (228 KB on an H100)
     assert preferred.value == carveout.carveout_percent(0, max_shared)  # a small kernel: the decode configuration
