@@ -33,7 +33,10 @@ from engines.native.int4_wgmma import MAX_ROWS as WGMMA_MAX_ROWS
 from engines.native.int4_wgmma import int4_wgmma_kernel
 from engines.native.kernels import (INTERPRETED, SplitBuffers, dependent_launch, rms_norm, silu_and_mul, sm_count,
                                     wait_for_previous_kernel)
-from engines.native.quantization import Int4Weight
+from engines.native.quantization import UNIT_ROWS, UNIT_WORDS, Int4Weight
+
+TILE_ROWS = tl.constexpr(UNIT_ROWS)
+TILE_WORDS = tl.constexpr(UNIT_WORDS)
 
 
 @triton.jit
@@ -49,6 +52,17 @@ def _offset_values(packed, j: tl.constexpr):
 
 
 @triton.jit
+def _word_offsets(rows, words, stride_q, TILED: tl.constexpr):
+    """Where word `words` (its index along a row) of weight row `rows` is, broadcast together: row
+    by row (`stride_q` words apart), or TILED (quantization.py: blocks of TILE_ROWS rows x one group's
+    TILE_WORDS words, group after group, `stride_q` = the words of a row)."""
+    if TILED:
+        return ((rows // TILE_ROWS) * (TILE_ROWS * stride_q) + (rows % TILE_ROWS) * TILE_WORDS
+                + (words // TILE_WORDS) * (TILE_ROWS * TILE_WORDS) + words % TILE_WORDS)
+    return rows * stride_q + words
+
+
+@triton.jit
 def _input_of(word_index, j: tl.constexpr):
     """The input (k) that value j of each word holds: words interleave in blocks of 8 (64 inputs)."""
     return (word_index // 8) * 64 + j * 8 + word_index % 8
@@ -57,7 +71,7 @@ def _input_of(word_index, j: tl.constexpr):
 @triton.jit
 def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, cols, mask_n, K, stride_xm, stride_q,
                     stride_s, stride_sg, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    NORM: tl.constexpr):
+                    NORM: tl.constexpr, TILED: tl.constexpr):
     """sum_k x[row, k] W[cols, k] on CUDA cores, fp32 -> ([BLOCK_N], sum_k x[row, k]^2).
 
     NORM multiplies x by the RMSNorm weight as it loads (the 1 / rms factor, one number per
@@ -76,7 +90,7 @@ def _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, co
     for k0 in range(0, K, BLOCK_K):  # BLOCK_K may exceed K (SmolLM2's 576 in one step): masked
         word_index = k0 // 8 + step_words
         in_k = word_index < K // 8  # [GROUPS, WORDS]
-        packed = tl.load(qweight_ptr + cols[:, None, None] * stride_q + word_index[None, :, :],
+        packed = tl.load(qweight_ptr + _word_offsets(cols[:, None, None], word_index[None, :, :], stride_q, TILED),
                          mask=mask & in_k[None, :, :], other=0)
         group_index = k0 // GROUP + group_ids
         groups = cols[:, None] * stride_s + group_index[None, :] * stride_sg  # [BLOCK_N, GROUPS]
@@ -104,6 +118,7 @@ def _int4_gemv_kernel(
     N, K, up_offset, stride_xm, stride_om, stride_rm, stride_q, stride_s, stride_sg, eps,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr, DEPENDENT: tl.constexpr,
+    TILED: tl.constexpr,
 ):
     """NORM: the input is RMSNorm(x) with weight `norm_ptr`, computed here rather than by a
     kernel of its own (at batch 1 a small model's step is mostly launches)."""
@@ -112,14 +127,14 @@ def _int4_gemv_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < N
     out, squares = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, cols, mask_n, K,
-                                   stride_xm, stride_q, stride_s, stride_sg, GROUP, BLOCK_N, BLOCK_K, NORM)
+                                   stride_xm, stride_q, stride_s, stride_sg, GROUP, BLOCK_N, BLOCK_K, NORM, TILED)
     inverse_rms = 1.0
     if NORM:  # on the finished sums
         inverse_rms = 1.0 / tl.sqrt(squares / K + eps)
     out *= inverse_rms
     if GATED:
         up, _ = _int4_gemv_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, row, cols + up_offset, mask_n,
-                                K, stride_xm, stride_q, stride_s, stride_sg, GROUP, BLOCK_N, BLOCK_K, NORM)
+                                K, stride_xm, stride_q, stride_s, stride_sg, GROUP, BLOCK_N, BLOCK_K, NORM, TILED)
         out = out * tl.sigmoid(out) * (up * inverse_rms)
     if ADD_RESIDUAL:
         out += tl.load(residual_ptr + row * stride_rm + cols, mask=mask_n, other=0.0).to(tl.float32)
@@ -146,10 +161,11 @@ def _values_as(packed, dtype: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _load_group(qweight_ptr, cols, mask_n, group, stride_q, GROUP: tl.constexpr):
+def _load_group(qweight_ptr, cols, mask_n, group, stride_q, GROUP: tl.constexpr, TILED: tl.constexpr):
     """The words of one quantization group: [BLOCK_N, GROUP / 8] int32, read once (evict first)."""
     words = group * (GROUP // 8) + tl.arange(0, GROUP // 8)
-    return tl.load(qweight_ptr + cols[:, None] * stride_q + words[None, :], mask=mask_n[:, None], other=0,
+    return tl.load(qweight_ptr + _word_offsets(cols[:, None], words[None, :], stride_q, TILED), mask=mask_n[:, None],
+                   other=0,
                    eviction_policy="evict_first")
 
 
@@ -185,13 +201,13 @@ def _int4_mma_group(acc, squares, packed, x_ptr, scales_ptr, zeros_ptr, norm_ptr
 @triton.jit
 def _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols, mask_n, first_group,
                    groups, K, eps, stride_xm, stride_q, stride_s, stride_sg, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr, NORM: tl.constexpr):
+                   BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr, NORM: tl.constexpr, TILED: tl.constexpr):
     """The [BLOCK_N, BLOCK_M] fp32 product over `groups` groups from `first_group`, one group a
     step. NORM (whole-K programs only): the product of RMSNorm(x)."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     squares = tl.zeros((BLOCK_M,), tl.float32)
     for group in range(first_group, first_group + groups):
-        packed = _load_group(qweight_ptr, cols, mask_n, group, stride_q, GROUP)
+        packed = _load_group(qweight_ptr, cols, mask_n, group, stride_q, GROUP, TILED)
         acc, squares = _int4_mma_group(acc, squares, packed, x_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m,
                                        cols, mask_n, group, stride_xm, stride_s, stride_sg, GROUP, BLOCK_M, BLOCK_N,
                                        USE_ASM, NORM)
@@ -219,7 +235,7 @@ def _int4_mma_kernel(
     stride_xm, stride_om, stride_rm, stride_q, stride_s, stride_sg, eps,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_ASM: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
-    DEPENDENT: tl.constexpr,
+    DEPENDENT: tl.constexpr, TILED: tl.constexpr,
 ):
     """One program per (BLOCK_N outputs, 1/SPLIT_K of K, BLOCK_M rows).
 
@@ -237,12 +253,12 @@ def _int4_mma_kernel(
     mask_n = cols < N
     acc = _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols, mask_n,
                          pid_k * groups, groups, K, eps, stride_xm, stride_q, stride_s, stride_sg, GROUP, BLOCK_M,
-                         BLOCK_N, USE_ASM, NORM)
+                         BLOCK_N, USE_ASM, NORM, TILED)
     up = acc
     if GATED:
         up = _int4_mma_tile(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, norm_ptr, rows_m, mask_m, cols + up_offset,
                             mask_n, pid_k * groups, groups, K, eps, stride_xm, stride_q, stride_s, stride_sg, GROUP,
-                            BLOCK_M, BLOCK_N, USE_ASM, NORM)
+                            BLOCK_M, BLOCK_N, USE_ASM, NORM, TILED)
     if SPLIT_K == 1:
         _store_output(acc, up, out_ptr, residual_ptr, rows_m, mask_m, cols, mask_n, stride_om, stride_rm,
                       GATED, ADD_RESIDUAL)
@@ -272,14 +288,14 @@ def _int4_mma_kernel(
 
 @triton.jit
 def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, stride_q, stride_s, stride_sg, stride_o,
-                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILED: tl.constexpr):
     """(q - z) s of a [BLOCK_N, BLOCK_K] tile, stored row by row in input order: word 8 b + r
     holds inputs 64 b + 8 j + r, so the eight values of each word are joined into [.., word, j]
     and the tile permuted to [.., b, j, r] in registers (written value by value, with each
     value's inputs 8 apart, 2-byte stores made a prefill's dequantization slow)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     word_index = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
-    packed = tl.load(qweight_ptr + rows[:, None] * stride_q + word_index[None, :])
+    packed = tl.load(qweight_ptr + _word_offsets(rows[:, None], word_index[None, :], stride_q, TILED))
     groups = rows[:, None] * stride_s + (word_index // (GROUP // 8))[None, :] * stride_sg
     scale = tl.load(scales_ptr + groups).to(tl.float32)
     zero = tl.load(zeros_ptr + groups).to(tl.float32) + 128.0
@@ -293,6 +309,11 @@ def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, stride_q, st
     tl.store(out_ptr + rows[:, None] * stride_o + inputs[None, :], tile)
 
 
+def _word_stride(weight: Int4Weight) -> int:
+    """The kernels' `stride_q`: words from one row to the next, or tiled, the words of a row."""
+    return weight.words_per_row if weight.tiled else weight.qweight.stride(0)
+
+
 def dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """[N, K] in `dtype`, in one kernel (N a multiple of 16, K of 64). Tiles of 16 x 256 are
     within 3% of the best of 16-64 rows x 128-512 inputs x 4 or 8 warps on an H100 (a Llama-3-8B
@@ -301,8 +322,8 @@ def dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((n, k), dtype=dtype, device=weight.qweight.device)
     block_k = min(256, k & -k)
     _dequantize_kernel[(triton.cdiv(n, 16), k // block_k)](
-        weight.qweight, weight.scales, weight.zeros, out, weight.qweight.stride(0), *weight.scales.stride(),
-        out.stride(0), GROUP=weight.group_size, BLOCK_N=16, BLOCK_K=block_k, num_warps=4)
+        weight.qweight, weight.scales, weight.zeros, out, _word_stride(weight), *weight.scales.stride(),
+        out.stride(0), GROUP=weight.group_size, BLOCK_N=16, BLOCK_K=block_k, TILED=weight.tiled, num_warps=4)
     return out
 
 
@@ -492,17 +513,18 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight, residual: torch.Tensor | No
         residual = residual.contiguous()
     tensors = (x, weight.qweight, weight.scales, weight.zeros, out, residual if residual is not None else out)
     strides = (x.stride(0), out.stride(0), residual.stride(0) if residual is not None else out.stride(0),
-               weight.qweight.stride(0), *weight.scales.stride())  # scales and zeros share their layout
+               _word_stride(weight), *weight.scales.stride())  # scales and zeros share their layout
     if isinstance(config, SkinnyConfig):
         _launch_skinny(config, tensors, strides, weight, m, n, k, gated, residual is not None, norm)
         return out
     if isinstance(config, WgmmaConfig):
-        _launch_wgmma(config, tensors, strides, m, n, k // weight.group_size, gated, residual is not None)
+        _launch_wgmma(config, tensors, strides, m, n, k // weight.group_size, gated, residual is not None,
+                      weight.tiled)
         return out
     dependent = dependent_launch(x.device)
     common = dict(GROUP=weight.group_size, GATED=gated, ADD_RESIDUAL=residual is not None,
                   num_warps=config.num_warps, num_stages=config.num_stages, DEPENDENT=dependent,
-                  launch_pdl=dependent)
+                  TILED=weight.tiled, launch_pdl=dependent)
     if isinstance(config, GemvConfig):
         block_k = min(config.block_k, triton.next_power_of_2(k))
         share_decode_configuration(_int4_gemv_kernel[(m, triton.cdiv(n, config.block_n))](
@@ -558,7 +580,8 @@ def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight:
         *tensors, workspace, counters, norm[0] if norm else tensors[0], m, n, k, groups, tiles * groups, n,
         norm[1] if norm else 0.0, *strides, BLOCK_N=config.block_n, BLOCK_M=block_m, SLOTS=slots,
         GATED=gated, ADD_RESIDUAL=add_residual, NORM_ROWS=m if norm else 0,
-        NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, DEPENDENT=dependent, FIXED=fixed,
+        NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, DEPENDENT=dependent, FIXED=fixed, TILED=weight.tiled,
+        IN_BLOCK=UNIT_ROWS % config.block_n == 0 and (not gated or n % config.block_n == 0),
         num_warps=config.num_warps, TIMELINE=timelines is not None,
         timeline_ptr=timelines.next_slice(programs) if timelines is not None else None,
         maxnreg=_register_cap(min(programs, config.programs), config.num_warps, tensors[0].device),
@@ -573,7 +596,7 @@ def _register_cap(programs: int, num_warps: int, device: torch.device) -> int:
 
 
 def _launch_wgmma(config: WgmmaConfig, tensors: tuple, strides: tuple, m: int, n: int, groups: int, gated: bool,
-                  add_residual: bool) -> None:
+                  add_residual: bool, tiled: bool) -> None:
     outputs = config.block_n // 2 if gated else config.block_n  # gated tiles: half gate rows, half up rows
     tiles = triton.cdiv(n, outputs)
     split = max(1, min(groups, config.programs // tiles))
@@ -586,5 +609,5 @@ def _launch_wgmma(config: WgmmaConfig, tensors: tuple, strides: tuple, m: int, n
     dependent = dependent_launch(tensors[0].device)
     int4_wgmma_kernel[(tiles, split)](
         *tensors, workspace, counters, m, n, groups, split, n, *strides, BLOCK_N=config.block_n, BLOCK_M=block_m,
-        GATED=gated, ADD_RESIDUAL=add_residual, X_AHEAD=config.x_ahead, RING=ring, DEPENDENT=dependent,
+        GATED=gated, ADD_RESIDUAL=add_residual, X_AHEAD=config.x_ahead, RING=ring, DEPENDENT=dependent, TILED=tiled,
         num_warps=config.num_warps, launch_pdl=dependent)

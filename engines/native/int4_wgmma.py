@@ -36,9 +36,11 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from engines.native.int4_skinny import _finish_tile
+from engines.native.quantization import UNIT_ROWS
 
 MAX_ROWS = 128  # the rows are wgmma's N (at most 256), held in one accumulator
 WORDS = gl.constexpr(16)  # int32 words per group of 128 inputs
+TILE_ROWS = gl.constexpr(UNIT_ROWS)  # tiled words (quantization.py): blocks of TILE_ROWS rows x one group
 
 
 def _fold_asm() -> str:
@@ -72,9 +74,10 @@ def _weights(words, scale, zero):
 
 
 @gluon.jit
-def _group_loads(word_ptrs, scale_ptrs, zero_ptrs, group, mask, stride_sg):
-    """One group's words [BLOCK_N, 16], scales and zero points (masked-out rows: undefined)."""
-    words = gl.load(word_ptrs + group * WORDS, mask=mask[:, None], eviction_policy="evict_first")
+def _group_loads(word_ptrs, scale_ptrs, zero_ptrs, group, mask, stride_sg, GROUP_STEP: gl.constexpr):
+    """One group's words [BLOCK_N, 16], scales and zero points (masked-out rows: undefined);
+    GROUP_STEP: words from a group of a row to the next."""
+    words = gl.load(word_ptrs + group * GROUP_STEP, mask=mask[:, None], eviction_policy="evict_first")
     scale = gl.load(scale_ptrs + group * stride_sg, mask=mask, other=0.0)
     zero = gl.load(zero_ptrs + group * stride_sg, mask=mask, other=0)
     return words, scale, zero
@@ -82,21 +85,29 @@ def _group_loads(word_ptrs, scale_ptrs, zero_ptrs, group, mask, stride_sg):
 
 @gluon.jit
 def _word_pointers(q_ptr, tile, N, up_offset, stride_q, OUTPUTS: gl.constexpr, BLOCK_N: gl.constexpr,
-                   L: gl.constexpr):
-    """A tile's word pointers [BLOCK_N, 16] in layout L (gated: the second half are the up rows,
-    `up_offset` further), and its rows' validity [BLOCK_N] (past N: masked)."""
+                   L: gl.constexpr, TILED: gl.constexpr):
+    """A tile's pointers [BLOCK_N, 16] in layout L to its first group's words (gated: the second
+    half are the up rows, `up_offset` further), and its rows' validity [BLOCK_N] (past N: masked).
+    TILED: the words are stored in blocks of TILE_ROWS rows x one group (quantization.py), and
+    `stride_q` is the words of a row."""
     local = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L))
     output = tile * OUTPUTS + local % OUTPUTS
     rows = output + (local // OUTPUTS) * up_offset
-    words = q_ptr + rows[:, None] * stride_q + gl.arange(0, WORDS, layout=gl.SliceLayout(0, L))[None, :]
+    if TILED:
+        starts = (rows // TILE_ROWS) * (TILE_ROWS * stride_q) + (rows % TILE_ROWS) * WORDS
+    else:
+        starts = rows * stride_q
+    words = q_ptr + starts[:, None] + gl.arange(0, WORDS, layout=gl.SliceLayout(0, L))[None, :]
     return rows, words, output < N
 
 
+
 @gluon.jit
-def _ring_fill(rings, slot, word_ptrs, scale_ptrs, zero_ptrs, group, mask, group_mask, stride_sg):
+def _ring_fill(rings, slot, word_ptrs, scale_ptrs, zero_ptrs, group, mask, group_mask, stride_sg,
+               GROUP_STEP: gl.constexpr):
     """Start copying one group's words, scales and zero points into ring slot `slot` (one cp.async group)."""
     words, scales, zeros = rings
-    async_copy.async_copy_global_to_shared(words.index(slot), word_ptrs + group * WORDS, mask=mask,
+    async_copy.async_copy_global_to_shared(words.index(slot), word_ptrs + group * GROUP_STEP, mask=mask,
                                            eviction_policy="evict_first")
     async_copy.async_copy_global_to_shared(scales.index(slot), scale_ptrs + group * stride_sg, mask=group_mask)
     async_copy.async_copy_global_to_shared(zeros.index(slot), zero_ptrs + group * stride_sg, mask=group_mask)
@@ -120,7 +131,7 @@ def int4_wgmma_kernel(
     stride_xm, stride_om, stride_rm, stride_q, stride_s, stride_sg,
     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
     GATED: gl.constexpr, ADD_RESIDUAL: gl.constexpr, X_AHEAD: gl.constexpr, RING: gl.constexpr,
-    DEPENDENT: gl.constexpr,
+    DEPENDENT: gl.constexpr, TILED: gl.constexpr = False,
 ):
     """One program per (tile of BLOCK_N weight rows, K slice); all M <= BLOCK_M rows at once.
     RING > 0 needs scales and zero points stored group by group (stride_s = 1)."""
@@ -128,6 +139,7 @@ def int4_wgmma_kernel(
                                                   instr_shape=[16, BLOCK_M, 16])
     A: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
     OUTPUTS: gl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N  # outputs per tile
+    GROUP_STEP: gl.constexpr = TILE_ROWS * WORDS if TILED else WORDS  # words from a group of a row to the next
     tile = gl.program_id(0)
     split = gl.program_id(1)
     first = split * groups // splits
@@ -140,7 +152,7 @@ def int4_wgmma_kernel(
         HALVES: gl.constexpr = 2 if GATED else 1
         SPAN: gl.constexpr = min(OUTPUTS // 8, 32)  # threads along a half's outputs
         SL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // SPAN, SPAN], [1, gl.num_warps()], [1, 0])
-        _, ring_word_ptrs, ring_valid = _word_pointers(q_ptr, tile, N, up_offset, stride_q, OUTPUTS, BLOCK_N, WL)
+        _, ring_word_ptrs, ring_valid = _word_pointers(q_ptr, tile, N, up_offset, stride_q, OUTPUTS, BLOCK_N, WL, TILED)
         ring_valid = ring_valid[:, None]
         half = gl.arange(0, HALVES, layout=gl.SliceLayout(1, SL))
         half_output = tile * OUTPUTS + gl.arange(0, OUTPUTS, layout=gl.SliceLayout(0, SL))
@@ -154,12 +166,13 @@ def int4_wgmma_kernel(
                  gl.allocate_shared_memory(z_ptr.dtype.element_ty, [RING, HALVES, OUTPUTS], FLAT))
         for slot in gl.static_range(RING - 1):
             _ring_fill(rings, slot, ring_word_ptrs, ring_scale_ptrs, ring_zero_ptrs, first + slot,
-                       ring_valid & (first + slot < last), ring_group_valid & (first + slot < last), stride_sg)
+                       ring_valid & (first + slot < last), ring_group_valid & (first + slot < last), stride_sg,
+                       GROUP_STEP)
     else:
-        rows, word_ptrs, valid = _word_pointers(q_ptr, tile, N, up_offset, stride_q, OUTPUTS, BLOCK_N, A)
+        rows, word_ptrs, valid = _word_pointers(q_ptr, tile, N, up_offset, stride_q, OUTPUTS, BLOCK_N, A, TILED)
         scale_ptrs = s_ptr + rows * stride_s
         zero_ptrs = z_ptr + rows * stride_s
-        loads = _group_loads(word_ptrs, scale_ptrs, zero_ptrs, first, valid, stride_sg)
+        loads = _group_loads(word_ptrs, scale_ptrs, zero_ptrs, first, valid, stride_sg, GROUP_STEP)
     if DEPENDENT:  # dependent launch (kernels.py): the first weights load while the kernel before ends
         gdc_wait()
         gdc_launch_dependents()
@@ -194,11 +207,11 @@ def int4_wgmma_kernel(
         if RING:  # refill the slot the previous group used (every thread has read it: the last barrier)
             _ring_fill(rings, gl.where(slot == 0, RING - 1, slot - 1), ring_word_ptrs, ring_scale_ptrs,
                        ring_zero_ptrs, group + RING - 1, ring_valid & (group + RING - 1 < last),
-                       ring_group_valid & (group + RING - 1 < last), stride_sg)
+                       ring_group_valid & (group + RING - 1 < last), stride_sg, GROUP_STEP)
             loads = _ring_read(rings, slot, A, BLOCK_N)
         else:
             fetched = _group_loads(word_ptrs, scale_ptrs, zero_ptrs, group + 1, valid & (group + 1 < last),
-                                   stride_sg)
+                                   stride_sg, GROUP_STEP)
         later = gl.load(x_ptrs + (group + X_AHEAD) * 128, mask=x_mask & (group + X_AHEAD < last), other=0.0)
         weights = _weights(loads[0], loads[1], loads[2])
         current = staged.index(stage)

@@ -54,7 +54,7 @@ class DenseLinear(nn.Module):
 class Int4Linear(nn.Module):
     def __init__(self, weight: Int4Weight):
         super().__init__()
-        weight = weight.group_major()  # what the decode kernels read fastest (quantization.py)
+        weight = weight.group_major().tile()  # what the decode kernels read fastest (quantization.py)
         self.register_buffer("qweight", weight.qweight)
         self.register_buffer("scales", weight.scales)
         self.register_buffer("zeros", weight.zeros)
@@ -104,7 +104,7 @@ def concatenated(layers: list[Linear]) -> Linear:
     if all(isinstance(layer, DenseLinear) for layer in layers):
         return DenseLinear(torch.cat([layer.weight.data for layer in layers]))
     if all(isinstance(layer, Int4Linear) for layer in layers):
-        parts = [layer.int4 for layer in layers]
+        parts = [layer.int4.row_major() for layer in layers]
         return Int4Linear(Int4Weight(*(torch.cat([getattr(p, name) for p in parts])
                                        for name in ("qweight", "scales", "zeros"))))
     raise ValueError("cannot concatenate dense and INT4 layers")

@@ -193,13 +193,13 @@ def test_int4_matmul_matches_dequantize_then_matmul(rows, n, k):
 
 
 INT4_PATHS = ["gemv", "tensor cores", "tensor cores, no inline asm", "tensor cores, split K", "skinny, one program",
-              "skinny, a program a group", "skinny, stream K", "skinny, stream K in waves",
+              "skinny, a program a group", "skinny, stream K", "skinny, stream K in waves", "skinny, 256-row tiles",
               "skinny, stream K, one row (fixed-point split K)", "wgmma, a program a tile",
               "wgmma, split K", "wgmma, 8 warps, x two groups ahead", "wgmma, a ring of 3 groups",
               "dequantize + cuBLAS"]
 
 
-@pytest.mark.parametrize("layout", ["scales row by row", "scales group by group"])
+@pytest.mark.parametrize("layout", ["scales row by row", "scales group by group", "words tiled"])
 @pytest.mark.parametrize("path", INT4_PATHS)
 def test_int4_kernels_unpack_every_value_exactly(path, layout):
     """Scale 1 with x = identity: the output is the stored integers minus their zero points, exactly."""
@@ -212,14 +212,20 @@ def test_int4_kernels_unpack_every_value_exactly(path, layout):
     config = dict(zip(INT4_PATHS, [GEMV_CONFIG, DotConfig(64, 64, 1, 4, 3), DotConfig(64, 64, 1, 4, 3, False),
                                    DotConfig(64, 32, 10**6, 4, 3), SkinnyConfig(64, 1, 4),
                                    SkinnyConfig(64, 10**6, 4), SkinnyConfig(64, 3, 4), SkinnyConfig(64, 1, 4, 3),
-                                   SkinnyConfig(64, 3, 4), WgmmaConfig(64, 4, 1), WgmmaConfig(64, 4, 10**6),
+                                   SkinnyConfig(256, 3, 8), SkinnyConfig(64, 3, 4), WgmmaConfig(64, 4, 1),
+                                   WgmmaConfig(64, 4, 10**6),
                                    WgmmaConfig(128, 8, 1, 2), WgmmaConfig(64, 4, 1, 1, 3), None]))[path]
     n, k = 96, 256  # two row tiles of 64, the second half empty
+    if layout == "words tiled":
+        n = 384  # three blocks of 128 rows (quantization.UNIT_ROWS); six or three row tiles
     values = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8)
     zeros = torch.randint(0, 16, (n, k // 128), device="cuda", dtype=torch.uint8)
     weight = Int4Weight(pack_int4(values), torch.ones(n, k // 128, dtype=torch.float16, device="cuda"), zeros)
     if layout == "scales group by group":
         weight = weight.group_major()
+    if layout == "words tiled":
+        weight = weight.group_major().tile()
+        assert weight.tiled
     identity = torch.eye(k, device="cuda", dtype=torch.bfloat16)
     rows = {SkinnyConfig: 16, WgmmaConfig: 128}.get(type(config), k)  # the most rows a call of that kernel takes
     if "one row" in path:
@@ -288,8 +294,9 @@ def test_skinny_fixed_point_cells_survive_a_broken_input_and_leave_the_next_call
 @pytest.mark.parametrize("config", ["128-row tiles, 8 warps, x two groups ahead", "the same, a program a group",
                                     "64-row tiles, 4 warps, K split unevenly", "256-row tiles, a ring of 3 groups",
                                     "64-row tiles, a ring of 2 groups, K split unevenly"])
+@pytest.mark.parametrize("words", ["row by row", "tiled"])
 @pytest.mark.parametrize("rows", [9, 33, 64, 100, 128])
-def test_wgmma_kernel_matches_dequantize_then_matmul_with_every_epilogue(rows, config):
+def test_wgmma_kernel_matches_dequantize_then_matmul_with_every_epilogue(rows, config, words):
     from engines.native.int4_kernels import WgmmaConfig, int4_matmul
     from engines.native.quantization import quantize_rtn
 
@@ -299,8 +306,13 @@ def test_wgmma_kernel_matches_dequantize_then_matmul_with_every_epilogue(rows, c
               "256-row tiles, a ring of 3 groups": WgmmaConfig(256, 8, 1, 1, 3),
               "64-row tiles, a ring of 2 groups, K split unevenly": WgmmaConfig(64, 4, 60, 1, 2)}[config]
     n, k = 1056, 1280  # 10 groups; the last tile partly empty (1056 rows, 528 gated outputs)
+    if words == "tiled":
+        n = 1152  # 9 blocks of 128 rows; the up rows start mid-block (576)
     generator = torch.Generator(device="cuda").manual_seed(rows)
     weight = quantize_rtn(torch.randn(n, k, device="cuda", generator=generator) * 0.02).group_major()
+    if words == "tiled":
+        weight = weight.tile()
+        assert weight.tiled
     x = torch.randn(rows, k, device="cuda", generator=generator).bfloat16()
     residual = torch.randn(rows, n, device="cuda", generator=generator).bfloat16()
     expected = x.float() @ weight.dequantize(torch.float32).T
@@ -324,11 +336,12 @@ def test_int4_matmul_with_the_rms_norm_fused_matches_norm_then_matmul(rows, n, k
     norm_weight = (torch.rand(k, device="cuda", generator=generator) + 0.5).bfloat16()
     normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * norm_weight.float()
     expected = normed @ weight.dequantize(torch.float32).T
-    poison_allocator()
-    assert relative_error(int4_matmul(x, weight, norm=(norm_weight, 1e-5)), expected) < 1e-2
     gate, up = expected.chunk(2, dim=-1)
-    assert relative_error(int4_matmul(x, weight, gated=True, norm=(norm_weight, 1e-5)),
-                          torch.nn.functional.silu(gate) * up) < 1e-2
+    for stored in (weight, weight.tile()):  # words row by row, and tiled where they fit (k = 4096)
+        poison_allocator()
+        assert relative_error(int4_matmul(x, stored, norm=(norm_weight, 1e-5)), expected) < 1e-2
+        assert relative_error(int4_matmul(x, stored, gated=True, norm=(norm_weight, 1e-5)),
+                              torch.nn.functional.silu(gate) * up) < 1e-2
 
 
 def test_argmax_rows_matches_torch_including_ties():

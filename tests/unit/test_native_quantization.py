@@ -69,6 +69,36 @@ def test_int4_linear_reference_is_dequantize_then_matmul_with_fused_epilogues():
     assert ((expected - dense(x)).norm() / dense(x).norm()).item() < 0.15  # ~step/sqrt(12) for Gaussian weights
 
 
+def test_tiled_words_hold_each_group_of_128_rows_in_one_block_and_round_trip_exactly():
+    generator = torch.Generator().manual_seed(5)
+    weight = quantize_rtn(torch.randn(256, 384, generator=generator))
+    tiled = weight.tile()
+    assert tiled.tiled and tiled.qweight.shape == (2, 3, 128, 16) and tiled.qweight.is_contiguous()
+    assert tiled.shape == weight.shape == (256, 384) and tiled.group_size == 128
+    # Block (tile t, group g) is rows 128 t .. 128 t + 127, words 16 g .. 16 g + 15, row by row.
+    assert torch.equal(tiled.qweight[1, 2], weight.qweight[128:256, 32:48])
+    assert torch.equal(tiled.row_major().qweight, weight.qweight)
+    assert torch.equal(tiled.dequantize(), weight.dequantize())
+    assert tiled.tile() is tiled and weight.row_major() is weight
+    # Where the blocks do not fit, the words stay row by row: N not a multiple of 128, groups of 64.
+    for untileable in (quantize_rtn(torch.randn(192, 256, generator=generator)),
+                       quantize_rtn(torch.randn(128, 320, generator=generator))):
+        assert not untileable.can_tile() and untileable.tile() is untileable
+
+
+def test_int4_linear_keeps_its_words_tiled_where_they_fit_and_computes_the_same():
+    generator = torch.Generator().manual_seed(6)
+    weight = quantize_rtn(torch.randn(256, 256, generator=generator) * 0.05)
+    layer = Int4Linear(weight)
+    assert layer.int4.tiled
+    x = torch.randn(3, 256, generator=generator)
+    torch.testing.assert_close(layer(x), x @ weight.dequantize().T)
+    narrow = Int4Linear(quantize_rtn(torch.randn(96, 256, generator=generator)))
+    fused = concatenated([layer, narrow])  # a tiled part and a row-major one: rows side by side
+    assert not fused.int4.tiled  # 352 rows
+    torch.testing.assert_close(fused(x), torch.cat([layer(x), narrow(x)], dim=-1))
+
+
 def test_concatenated_layers_compute_their_parts_side_by_side():
     generator = torch.Generator().manual_seed(3)
     parts = [DenseLinear(torch.randn(n, 128, generator=generator)) for n in (64, 16, 16)]
