@@ -35,12 +35,10 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from engines.native.int4_skinny import _finish_tile
-from engines.native.quantization import UNIT_ROWS
+from engines.native.int4_skinny import TILE_ROWS, _finish_tile, tiled_row_starts
 
 MAX_ROWS = 128  # the rows are wgmma's N (at most 256), held in one accumulator
 WORDS = gl.constexpr(16)  # int32 words per group of 128 inputs
-TILE_ROWS = gl.constexpr(UNIT_ROWS)  # tiled words (quantization.py): blocks of TILE_ROWS rows x one group
 
 
 def _fold_asm() -> str:
@@ -94,12 +92,11 @@ def _word_pointers(q_ptr, tile, N, up_offset, stride_q, OUTPUTS: gl.constexpr, B
     output = tile * OUTPUTS + local % OUTPUTS
     rows = output + (local // OUTPUTS) * up_offset
     if TILED:
-        starts = (rows // TILE_ROWS) * (TILE_ROWS * stride_q) + (rows % TILE_ROWS) * WORDS
+        starts = tiled_row_starts(rows, stride_q)
     else:
         starts = rows * stride_q
     words = q_ptr + starts[:, None] + gl.arange(0, WORDS, layout=gl.SliceLayout(0, L))[None, :]
     return rows, words, output < N
-
 
 
 @gluon.jit
