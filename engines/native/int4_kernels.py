@@ -575,10 +575,11 @@ def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight:
     workspace, counters = _split_k_buffers.get(tensors[0].device, tiles * tile_size * (2 if fixed else 1), tiles)
     if fixed:
         workspace = workspace[:workspace.numel() // 2 * 2].view(torch.int64)
+    unit_row_stride = UNIT_WORDS if weight.tiled else strides[3]  # words from a unit's row to the next
     dependent = dependent_launch(tensors[0].device)
     share_decode_configuration(int4_skinny_kernel[(programs,)](
         *tensors, workspace, counters, norm[0] if norm else tensors[0], m, n, k, groups, tiles * groups, n,
-        norm[1] if norm else 0.0, *strides, BLOCK_N=config.block_n, BLOCK_M=block_m, SLOTS=slots,
+        norm[1] if norm else 0.0, *strides, unit_row_stride, BLOCK_N=config.block_n, BLOCK_M=block_m, SLOTS=slots,
         GATED=gated, ADD_RESIDUAL=add_residual, NORM_ROWS=m if norm else 0,
         NORM_BLOCK=triton.next_power_of_2(k) if norm else 1, DEPENDENT=dependent, FIXED=fixed, TILED=weight.tiled,
         IN_BLOCK=UNIT_ROWS % config.block_n == 0 and (not gated or n % config.block_n == 0),

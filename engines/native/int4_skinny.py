@@ -122,9 +122,9 @@ def tiled_row_starts(rows, stride_q):
 def _unit_words(q_ptr, row, group, word_offsets, local_a, mask_a, stride_q, TILED: gl.constexpr,
                 IN_BLOCK: gl.constexpr):
     """The words [BLOCK_N, 16] of rows `row` + `local_a`, group `group`. `word_offsets` are each
-    thread's offsets from row `row` (loop invariant), row by row or TILED (quantization.py: blocks
-    of TILE_ROWS rows x one group, `stride_q` the words of a row) when every unit's rows lie in one
-    block (IN_BLOCK); otherwise tiled, each unit finds its rows' blocks (the word in the group in
+    thread's offsets from the unit's first word (loop invariant), row by row or TILED (quantization.py:
+    blocks of TILE_ROWS rows x one group, `stride_q` the words of a row) when every unit's rows lie in
+    one block (IN_BLOCK); otherwise tiled, each unit finds its rows' blocks (the word in the group in
     `word_offsets`). Per unit, that costs the step's loads their issue rate: a Llama-3-8B INT4
     batch-1 step took 2,285 us against 2,264 with IN_BLOCK (session 20)."""
     if TILED and IN_BLOCK:
@@ -417,6 +417,7 @@ def int4_skinny_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, residual_ptr, workspace_ptr, counters_ptr, norm_ptr,
     M, N, K, groups, units, up_offset, eps,  # N: outputs; gated: the up rows start at `up_offset`
     stride_xm, stride_om, stride_rm, stride_q, stride_s, stride_sg,  # scales and zeros: by row, by group
+    unit_row_stride,  # words from one row of a unit to the next: stride_q, or tiled, WORDS (see word_offsets)
     BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SLOTS: gl.constexpr,
     GATED: gl.constexpr, ADD_RESIDUAL: gl.constexpr, NORM_ROWS: gl.constexpr, NORM_BLOCK: gl.constexpr,
     DEPENDENT: gl.constexpr, FIXED: gl.constexpr = False, TIMELINE: gl.constexpr = False, timeline_ptr=None,
@@ -445,15 +446,17 @@ def int4_skinny_kernel(
     last = (pid + 1) * units // programs - 1
     first_group = first % groups
 
-    # Each thread's offsets from a tile's first row: the same for every tile (loop invariant).
+    # Each thread's offsets from a unit's first word: the same for every unit (loop invariant). Tiled
+    # words' rows are WORDS apart, but passed at run time (`unit_row_stride`) rather than as that
+    # constant: with the constant, ptxas addresses each thread's loads of a unit from one register
+    # (immediate offsets) and schedules them differently, and a Llama-3-8B INT4 batch-1 step took
+    # 2,257 us against 2,222 (session 21; same words, same process).
     local_a = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A))
     word_cols = gl.arange(0, WORDS, layout=gl.SliceLayout(0, A))[None, :]
     if TILED and not IN_BLOCK:  # each unit finds its rows (_unit_words)
         word_offsets = word_cols
-    elif TILED:
-        word_offsets = local_a[:, None] * WORDS + word_cols
     else:
-        word_offsets = local_a[:, None] * stride_q + word_cols
+        word_offsets = local_a[:, None] * unit_row_stride + word_cols
     local_c = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     scale_offsets = local_c * stride_s
     rows_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
