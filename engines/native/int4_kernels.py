@@ -368,11 +368,12 @@ WIDE_N, NARROW_CONFIG = 16384, DotConfig(16, 128, 528, 4, 3)
 # Up to 8 bf16 rows: the Gluon kernel (int4_skinny.py), which loads the words where the tensor cores
 # take them (session 6, 1 row: 68 us a layer against the tile kernel's 82; 8 rows: 74; at 16 rows the
 # tile kernel wins). Programs per SM and warps per layer width, from sweeps: 4 programs of 4 warps,
-# and 2 of 8 warps for the widest layer (N >= WIDE_N, Llama-3-8B's gate/up). That layer launches two
-# waves of them: in one wave its programs stream at uneven rates and end up to 6 us apart, and with
-# two the CTA scheduler gives the second wave's programs to the SMs that finish first (session 9,
-# Llama-3-8B step at 1 / 4 / 8 rows: 2,632 -> 2,570 / 2,915 -> 2,889 / 3,054 -> 3,036 us). Two waves of
-# the other layers, or of 8-warp programs for them, measured slower.
+# and 2 of 8 warps for the widest layer (N >= WIDE_N, Llama-3-8B's gate/up), in one wave. On row-major
+# words that layer's programs streamed at uneven rates and ended up to 6 us apart, and two waves paid
+# (session 9, Llama-3-8B step at 1 / 4 / 8 rows: 2,632 -> 2,570 / 2,915 -> 2,889 / 3,054 -> 3,036 us); on
+# tiled words one wave is faster again (session 21, the same step: 2,215 -> 2,179 / 2,792 -> 2,700 /
+# 2,801 -> 2,751 us, and 2,493 -> 2,392 at 2 rows). Two waves of the other layers, or 8-warp programs
+# for them, measured slower on both layouts.
 SKINNY_ROWS = 8
 # Split K in int64 fixed point (int4_skinny.FIXED_BITS: one returning atomic a partial sum, no fence,
 # counter or read-back) up to these rows; float atomics beyond, where each thread has more outputs
@@ -381,7 +382,7 @@ SKINNY_ROWS = 8
 # (gate/up too: 2,667), 8 rows 2,973 -> 3,185 (fixed for all but gate/up).
 FIXED_ROWS, FIXED_GATED_ROWS = 2, 1
 SKINNY_SHAPE = dict(block_n=128, programs_per_sm=4, num_warps=4)
-SKINNY_WIDE_SHAPE = dict(block_n=128, programs_per_sm=2, num_warps=8, waves=2)
+SKINNY_WIDE_SHAPE = dict(block_n=128, programs_per_sm=2, num_warps=8)
 
 
 def skinny_config(block_n: int, programs_per_sm: int, num_warps: int, waves: int = 1) -> SkinnyConfig:
