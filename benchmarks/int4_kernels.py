@@ -3,7 +3,9 @@
 Effective GB/s = bytes the matmul must move (weights with scales and zero points, activations
 in, results out) / median time. Each timing replays a CUDA graph of 8 calls that cycle over 8
 copies of the weights (more than the L2 cache holds), so neither launch gaps nor cache hits
-flatter the figure. `--sweep` also tries tile configurations and prints the best per row count
+flatter the figure. The weights are laid out as a loaded model keeps them (scales and zero points
+group by group, words tile by tile; `--row-major-scales`, `--row-major-words`: as in files).
+`--sweep` also tries tile configurations and prints the best per row count
 (what `int4_kernels.GEMV_CONFIG`, `DOT_CONFIGS` and `WGMMA_SHAPES` hold). One command:
 
     python benchmarks/int4_kernels.py [--sweep]
@@ -50,13 +52,18 @@ def graph_time_ms(calls) -> float:
 
 
 ROW_MAJOR_SCALES = False  # --row-major-scales: as in files, not as loaded models keep them
+ROW_MAJOR_WORDS = False  # --row-major-words: as in files, not tile by tile as loaded models keep them
 
 
 def make_weights(n: int, k: int):
     generator = torch.Generator(device="cuda").manual_seed(n + k)
     dense = [torch.randn(n, k, device="cuda", generator=generator, dtype=torch.bfloat16) * 0.02 for _ in range(COPIES)]
     quantized = [quantize_rtn(w) for w in dense]
-    return dense, quantized if ROW_MAJOR_SCALES else [weight.group_major() for weight in quantized]
+    if not ROW_MAJOR_SCALES:
+        quantized = [weight.group_major() for weight in quantized]
+    if not ROW_MAJOR_WORDS:  # Int4Linear's layout (quantization.py); as it is where it does not apply
+        quantized = [weight.tile() for weight in quantized]
+    return dense, quantized
 
 
 def int4_bytes(weight, rows: int, gated: bool) -> int:
@@ -146,7 +153,10 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="llama-3-8b", choices=sorted(LAYERS))
     parser.add_argument("--row-major-scales", action="store_true",
                         help="scales and zeros row by row (as in files) rather than group by group (as models hold them)")
+    parser.add_argument("--row-major-words", action="store_true",
+                        help="words row by row (as in files) rather than tile by tile (as models hold them)")
     arguments = parser.parse_args()
     ROW_MAJOR_SCALES = arguments.row_major_scales
+    ROW_MAJOR_WORDS = arguments.row_major_words
     LAYER[:] = LAYERS[arguments.model]
     measure([int(r) for r in arguments.rows.split(",")], arguments.sweep)
