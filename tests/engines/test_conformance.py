@@ -118,8 +118,18 @@ async def test_cancelling_stops_generation_and_the_engine_keeps_serving(engine):
 
 
 async def test_eight_concurrent_requests_complete(engine):
-    results = await asyncio.gather(*(collect(engine, f"c{i}", 12) for i in range(8)))
-    assert all(len(tokens_of(chunks)) == 12 and chunks[-1].finish_reason == FinishReason.LENGTH for chunks in results)
+    # A question with one clear answer: a batching engine computes a prompt's logits differently with
+    # different companions in its step, so a near tie flips between concurrent copies (after STORY, "Once"
+    # against "The" as the first token in OpenVINO's continuous batching on the CPU, seen in the full
+    # suite in sessions 16 and 21). Identical answers here still show that no request takes another's tokens.
+    question = prompt(engine, [{"role": "user", "content": "What is the capital of France?"}])
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+
+    async def answer(request_id: str) -> list[GenerationChunk]:
+        return [chunk async for chunk in engine.generate(GenerationRequest(request_id, question, params))]
+
+    results = await asyncio.gather(*(answer(f"c{i}") for i in range(8)))
+    assert all(len(tokens_of(chunks)) == 6 and chunks[-1].finish_reason == FinishReason.LENGTH for chunks in results)
     answers = {tuple(tokens_of(chunks)) for chunks in results}
     assert len(answers) == 1, f"greedy, yet {len(answers)} different answers: {sorted(answers)}"
 
