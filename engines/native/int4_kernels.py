@@ -576,7 +576,7 @@ def _launch_skinny(config: SkinnyConfig, tensors: tuple, strides: tuple, weight:
     workspace, counters = _split_k_buffers.get(tensors[0].device, tiles * tile_size * (2 if fixed else 1), tiles)
     if fixed:
         workspace = workspace[:workspace.numel() // 2 * 2].view(torch.int64)
-    unit_row_stride = UNIT_WORDS if weight.tiled else strides[3]  # words from a unit's row to the next
+    unit_row_stride = weight.qweight.stride(-2)  # words from a unit's row to the next: a row's, or tiled, 16
     dependent = dependent_launch(tensors[0].device)
     share_decode_configuration(int4_skinny_kernel[(programs,)](
         *tensors, workspace, counters, norm[0] if norm else tensors[0], m, n, k, groups, tiles * groups, n,

@@ -58,9 +58,9 @@ def prompt(engine, messages=STORY) -> tuple[int, ...]:
     return tuple(engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages)))
 
 
-async def collect(engine, request_id: str, max_tokens: int, **sampling) -> list[GenerationChunk]:
+async def collect(engine, request_id: str, max_tokens: int, messages=STORY, **sampling) -> list[GenerationChunk]:
     params = SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **sampling})
-    return [chunk async for chunk in engine.generate(GenerationRequest(request_id, prompt(engine), params))]
+    return [chunk async for chunk in engine.generate(GenerationRequest(request_id, prompt(engine, messages), params))]
 
 
 def tokens_of(chunks: list[GenerationChunk]) -> list[int]:
@@ -122,13 +122,8 @@ async def test_eight_concurrent_requests_complete(engine):
     # different companions in its step, so a near tie flips between concurrent copies (after STORY, "Once"
     # against "The" as the first token in OpenVINO's continuous batching on the CPU, seen in the full
     # suite in sessions 16 and 21). Identical answers here still show that no request takes another's tokens.
-    question = prompt(engine, [{"role": "user", "content": "What is the capital of France?"}])
-    params = SamplingParams(max_tokens=6, temperature=0.0)
-
-    async def answer(request_id: str) -> list[GenerationChunk]:
-        return [chunk async for chunk in engine.generate(GenerationRequest(request_id, question, params))]
-
-    results = await asyncio.gather(*(answer(f"c{i}") for i in range(8)))
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    results = await asyncio.gather(*(collect(engine, f"c{i}", 6, messages=question) for i in range(8)))
     assert all(len(tokens_of(chunks)) == 6 and chunks[-1].finish_reason == FinishReason.LENGTH for chunks in results)
     answers = {tuple(tokens_of(chunks)) for chunks in results}
     assert len(answers) == 1, f"greedy, yet {len(answers)} different answers: {sorted(answers)}"
